@@ -1,0 +1,129 @@
+"""MambaVision configuration.
+
+Field names follow NVIDIA's published ``config.json`` files (``depths``, ``num_heads``, ``window_size``,
+``dim``, ``in_dim``, ``mlp_ratio``, ``drop_path_rate``, ``layer_scale``, ``layer_scale_conv``), so those
+files load unchanged. Defaults describe MambaVision-T.
+"""
+
+from timm.data import ImageNetInfo
+from transformers import PretrainedConfig
+
+SCAN_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+CROP_MODES = ("center", "squash")
+NUM_LEVELS = 4
+
+
+class MambaVisionConfig(PretrainedConfig):
+    r"""Architecture, mixer constants and preprocessing facts of a MambaVision model.
+
+    Args:
+        depths: blocks per level (4 levels; levels 0-1 are convolutional, 2-3 mixer/attention hybrids).
+        num_heads: attention heads per level (only levels 2-3 use them).
+        window_size: window side per level (levels 2-3 attend/scan inside windows).
+        dim: width of level 0; level ``i`` has ``dim * 2**i`` channels.
+        in_dim: width of the stem's first convolution.
+        mlp_ratio: MLP hidden width over block width.
+        drop_path_rate: stochastic-depth rate of the last block (rises linearly from 0).
+        layer_scale: initial per-channel scale of mixer/attention blocks, ``None`` for none.
+        layer_scale_conv: initial per-channel scale of conv blocks, ``None`` for none.
+        d_state, d_conv, expand: selective-scan state size, depthwise conv width and expansion.
+        scan_backend: ``"auto"`` or one of ``"torch"``, ``"triton"``, ``"mamba_ssm"``; the environment
+            variable ``MAMBAVISION_SCAN_BACKEND`` overrides it.
+        image_size, mean, std, crop_pct, crop_mode, interpolation: the pretrained eval preprocessing.
+    """
+
+    model_type = "mambavision"
+
+    def __init__(
+        self,
+        depths=(1, 3, 8, 4),
+        num_heads=(2, 4, 8, 16),
+        window_size=(8, 8, 14, 7),
+        dim=80,
+        in_dim=32,
+        mlp_ratio=4.0,
+        drop_path_rate=0.2,
+        layer_scale=None,
+        layer_scale_conv=None,
+        num_channels=3,
+        d_state=8,
+        d_conv=3,
+        expand=1,
+        scan_backend="auto",
+        image_size=224,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_pct=1.0,
+        crop_mode="center",
+        interpolation="bicubic",
+        **kwargs,
+    ):
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = list(window_size)
+        self.dim = dim
+        self.in_dim = in_dim
+        self.mlp_ratio = mlp_ratio
+        self.drop_path_rate = drop_path_rate
+        self.layer_scale = layer_scale
+        self.layer_scale_conv = layer_scale_conv
+        self.num_channels = num_channels
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.scan_backend = scan_backend
+        self.image_size = image_size
+        self.mean = list(mean)
+        self.std = list(std)
+        self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
+        self.interpolation = interpolation
+        self._validate()
+        if "num_labels" not in kwargs and "id2label" not in kwargs:
+            # NVIDIA's config.json files name no labels: their heads are ImageNet-1k classifiers
+            kwargs["id2label"] = dict(enumerate(ImageNetInfo().label_descriptions()))
+        super().__init__(**kwargs)
+
+    @property
+    def hidden_sizes(self):
+        """Channels of the four stage maps."""
+        return [self.dim * 2**i for i in range(NUM_LEVELS)]
+
+    @property
+    def num_features(self):
+        """Channels of the pooled features."""
+        return self.hidden_sizes[-1]
+
+    def _validate(self):
+        for name in ("depths", "num_heads", "window_size"):
+            value = getattr(self, name)
+            if len(value) != NUM_LEVELS:
+                raise ValueError(f"MambaVisionConfig: `{name}` needs {NUM_LEVELS} entries, got {len(value)}: {value}")
+        if any(not isinstance(d, int) or d < 0 for d in self.depths):
+            raise ValueError(f"MambaVisionConfig: `depths` must be non-negative integers, got {self.depths}")
+        for name in ("dim", "in_dim", "num_channels", "d_state", "d_conv", "expand"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MambaVisionConfig: `{name}` must be a positive integer, got {value!r}")
+        if self.dim % 2:
+            raise ValueError(f"MambaVisionConfig: `dim` must be even (the mixer splits channels in halves), got {self.dim}")
+        for level in (2, 3):
+            width, heads, window = self.dim * 2**level, self.num_heads[level], self.window_size[level]
+            if not isinstance(heads, int) or heads <= 0 or width % heads:
+                raise ValueError(
+                    f"MambaVisionConfig: num_heads[{level}]={heads!r} must be a positive divisor of the level width {width}"
+                )
+            if not isinstance(window, int) or window <= 0:
+                raise ValueError(f"MambaVisionConfig: window_size[{level}] must be a positive integer, got {window!r}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"MambaVisionConfig: `mlp_ratio` must be positive, got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"MambaVisionConfig: `drop_path_rate` must be in [0, 1), got {self.drop_path_rate}")
+        for name in ("layer_scale", "layer_scale_conv"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"MambaVisionConfig: `{name}` must be a number or None, got {value!r}")
+        if self.scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"MambaVisionConfig: `scan_backend` must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"MambaVisionConfig: `crop_mode` must be one of {CROP_MODES}, got {self.crop_mode!r}")

@@ -1,0 +1,371 @@
+"""MambaVision (arXiv 2407.08083) for transformers: a hybrid Mamba-Transformer vision backbone.
+
+Reproduces NVIDIA's original computation exactly (quirks included) and keeps its parameter names under
+the attribute ``model``, so the published checkpoints load as they are. Runs anywhere PyTorch runs; the
+selective scan picks a fast kernel when one works (see ``selective_scan.py``).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from transformers.utils import ModelOutput
+
+from .configuration_mambavision import MambaVisionConfig
+from .selective_scan import selective_scan
+
+try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
+
+
+@dataclass
+class MambaVisionModelOutput(ModelOutput):
+    """Pooled features and the four stage maps; unpacks as ``pooled, stage_maps = model(x)``.
+
+    Args:
+        pooler_output: (batch, channels) features after the final BatchNorm and global average pooling.
+        hidden_states: the output of each of the four levels before its downsample, (batch, C_i, H_i, W_i).
+    """
+
+    pooler_output: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple] = None
+
+    @property
+    def last_hidden_state(self):
+        """The last stage map (before the final norm), as transformers' vision models name it."""
+        return self.hidden_states[-1]
+
+
+def window_partition(x, window):
+    """(B, C, H, W) with H, W multiples of ``window`` -> (B * windows, window * window, C) token sequences.
+
+    Tokens are row-major inside a window, windows row-major over the map, batch outermost.
+    """
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // window, window, w // window, window)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window * window, c)  # (B, h/ws, w/ws, ws, ws, C)
+
+
+def window_reverse(windows, window, height, width):
+    """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, height // window, width // window, window, window, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, height, width)  # (B, C, h/ws, ws, w/ws, ws)
+
+
+class MambaVisionStem(nn.Module):
+    """Two stride-2 3x3 convolutions with BatchNorm (eps 1e-4) and ReLU: (B, 3, H, W) -> (B, dim, H/4, W/4)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.conv_down = nn.Sequential(
+            nn.Conv2d(config.num_channels, config.in_dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(config.in_dim, eps=1e-4),
+            nn.ReLU(),
+            nn.Conv2d(config.in_dim, config.dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(config.dim, eps=1e-4),
+            nn.ReLU(),
+        )
+
+    def forward(self, pixel_values):
+        return self.conv_down(pixel_values)
+
+
+class MambaVisionConvBlock(nn.Module):
+    """Residual conv block of levels 0-1: conv-BN-GELU(tanh)-conv-BN, optional layer scale, drop path."""
+
+    def __init__(self, dim, layer_scale, drop_path):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.act1 = nn.GELU(approximate="tanh")
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        residual = x
+        x = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        if self.gamma is not None:
+            x = x * self.gamma.view(1, -1, 1, 1)
+        return residual + self.drop_path(x)
+
+
+class MambaVisionMixer(nn.Module):
+    """The MambaVision token mixer: a selective scan on one half of the channels, a plain conv path on the other.
+
+    Unlike Mamba, the z half gates nothing: it is concatenated to the scan output (the "symmetric path").
+    ``dt_proj`` applies its bias and the scan adds it again (``delta_bias``), as the original does.
+    """
+
+    def __init__(self, config, dim):
+        super().__init__()
+        inner = config.expand * dim
+        self.half = inner // 2
+        self.d_state = config.d_state
+        self.dt_rank = math.ceil(dim / 16)
+        self.scan_backend = config.scan_backend
+        self.in_proj = nn.Linear(dim, inner, bias=False)
+        self.x_proj = nn.Linear(self.half, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.half, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.half, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.half))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        conv = dict(kernel_size=config.d_conv, padding="same", groups=self.half, bias=False)
+        self.conv1d_x = nn.Conv1d(self.half, self.half, **conv)
+        self.conv1d_z = nn.Conv1d(self.half, self.half, **conv)
+
+    def forward(self, hidden_states):
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, L, C) -> (B, C, L)
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d_x(x))
+        z = F.silu(self.conv1d_z(z))
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt).transpose(1, 2)  # (B, L, C/2) -> (B, C/2, L)
+        y = selective_scan(
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),  # (B, L, N) -> (B, N, L)
+            C.transpose(1, 2),
+            self.D.float(),
+            delta_bias=self.dt_proj.bias.float(),
+            backend=self.scan_backend,
+        )
+        return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))  # (B, C, L) -> (B, L, C)
+
+
+class MambaVisionAttention(nn.Module):
+    """Multi-head self-attention inside a window (qkv and output projections with bias, no mask)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        b, n, c = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class MambaVisionMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MambaVisionBlock(nn.Module):
+    """Pre-norm residual block of levels 2-3 with a mixer or attention, then an MLP; optional layer scale."""
+
+    def __init__(self, config, dim, num_heads, use_attention, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.mixer = MambaVisionAttention(dim, num_heads) if use_attention else MambaVisionMixer(config, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = MambaVisionMLP(dim, int(dim * config.mlp_ratio))
+        scale = config.layer_scale
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        mixed = self.mixer(self.norm1(x))
+        if self.gamma_1 is not None:
+            mixed = self.gamma_1 * mixed
+        x = x + self.drop_path(mixed)
+        mlp_out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            mlp_out = self.gamma_2 * mlp_out
+        return x + self.drop_path(mlp_out)
+
+
+def attention_block_indices(depth):
+    """Blocks of a level that use attention: the last half (the middle block of an odd level is a mixer)."""
+    return range(depth // 2 + 1, depth) if depth % 2 else range(depth // 2, depth)
+
+
+class MambaVisionDownsample(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False))
+
+    def forward(self, x):
+        return self.reduction(x)
+
+
+class MambaVisionStage(GradientCheckpointingLayer):
+    """One level: its blocks (windowed for levels 2-3) and the downsample that follows (levels 0-2).
+
+    Returns ``(next_level_input, stage_map)``; the stage map is taken before the downsample.
+    """
+
+    def __init__(self, config, level, drop_paths):
+        super().__init__()
+        dim = config.dim * 2**level
+        self.windowed = level >= 2
+        self.window = config.window_size[level]
+        if self.windowed:
+            attention = set(attention_block_indices(config.depths[level]))
+            self.blocks = nn.ModuleList(
+                MambaVisionBlock(config, dim, config.num_heads[level], i in attention, rate)
+                for i, rate in enumerate(drop_paths)
+            )
+        else:
+            self.blocks = nn.ModuleList(
+                MambaVisionConvBlock(dim, config.layer_scale_conv, rate) for rate in drop_paths
+            )
+        self.downsample = MambaVisionDownsample(dim) if level < 3 else None
+
+    def forward(self, x):
+        if self.windowed:
+            height, width = x.shape[-2:]
+            # zero-pad right/bottom to a window multiple; padded tokens take part, as in the original
+            x = F.pad(x, (0, -width % self.window, 0, -height % self.window))
+            padded_height, padded_width = x.shape[-2:]
+            x = window_partition(x, self.window)
+        for block in self.blocks:
+            x = block(x)
+        if self.windowed:
+            x = window_reverse(x, self.window, padded_height, padded_width)[:, :, :height, :width]
+        stage_map = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x, stage_map
+
+
+class MambaVisionEncoder(nn.Module):
+    """Stem, four levels, final BatchNorm and pooling; with ``with_head``, the classifier too.
+
+    The original keeps its classifier inside this module, so ``head`` lives here for the keys to match.
+    """
+
+    def __init__(self, config, with_head=False):
+        super().__init__()
+        self.patch_embed = MambaVisionStem(config)
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 -> rate
+        starts = [sum(config.depths[:level]) for level in range(len(config.depths))]
+        self.levels = nn.ModuleList(
+            MambaVisionStage(config, level, rates[start : start + depth])
+            for level, (start, depth) in enumerate(zip(starts, config.depths))
+        )
+        self.norm = nn.BatchNorm2d(config.num_features, eps=1e-5)
+        if with_head:
+            self.head = nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
+    def forward(self, pixel_values):
+        """(B, C, H, W) -> pooled features (B, num_features) and the tuple of four stage maps."""
+        x = self.patch_embed(pixel_values)
+        stage_maps = []
+        for level in self.levels:
+            x, stage_map = level(x)
+            stage_maps.append(stage_map)
+        pooled = self.norm(x).mean(dim=(2, 3))
+        return pooled, tuple(stage_maps)
+
+
+class MambaVisionPreTrainedModel(PreTrainedModel):
+    config_class = MambaVisionConfig
+    base_model_prefix = "mambavision"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MambaVisionConvBlock", "MambaVisionBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Training-from-scratch init of the original; the init functions skip weights already loaded."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):  # PyTorch's default conv init, as the original keeps
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, MambaVisionMixer):
+            init.ones_(module.D)
+            if not getattr(module.A_log, "_is_hf_initialized", False):
+                states = torch.arange(1, module.d_state + 1, dtype=torch.float32, device=module.A_log.device)
+                module.A_log.copy_(torch.log(states).expand_as(module.A_log))
+        elif isinstance(module, MambaVisionConvBlock) and module.gamma is not None:
+            init.constant_(module.gamma, self.config.layer_scale_conv)
+        elif isinstance(module, MambaVisionBlock) and module.gamma_1 is not None:
+            init.constant_(module.gamma_1, self.config.layer_scale)
+            init.constant_(module.gamma_2, self.config.layer_scale)
+
+    def _check_pixel_values(self, pixel_values):
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"MambaVision expects pixel_values of shape (batch, {self.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+
+
+class MambaVisionModel(MambaVisionPreTrainedModel):
+    """The backbone: pooled features and the four stage maps (no classifier)."""
+
+    # checkpoints of the classifier hold the head too; the backbone ignores it
+    _keys_to_ignore_on_load_unexpected = [r"^model\.head\."]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MambaVisionEncoder(config)
+        self.post_init()
+
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
+        self._check_pixel_values(pixel_values)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pooled, stage_maps = self.model(pixel_values)
+        if not return_dict:
+            return pooled, stage_maps
+        return MambaVisionModelOutput(pooler_output=pooled, hidden_states=stage_maps)
+
+
+class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
+    """The backbone with its linear classifier; ``labels`` give a loss following ``config.problem_type``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MambaVisionEncoder(config, with_head=True)
+        self.post_init()
+
+    def forward(self, pixel_values, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self._check_pixel_values(pixel_values)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        pooled, stage_maps = self.model(pixel_values)
+        logits = self.model.head(pooled)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        hidden_states = stage_maps if output_hidden_states else None
+        if not return_dict:
+            return tuple(v for v in (loss, logits, hidden_states) if v is not None)
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
