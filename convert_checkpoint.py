@@ -1,6 +1,8 @@
 """Convert NVIDIA's original MambaVision checkpoints into Hugging Face model folders."""
 
 import re
+import shutil
+from pathlib import Path
 
 import mambavision_code
 
@@ -36,3 +38,18 @@ def config_from_architecture(architecture, **extra):
     fields["num_heads"] = [h if h is not None else 1 for h in fields.get("num_heads", [])] or None
     return MambaVisionConfig(**{k: v for k, v in fields.items() if v is not None or k.startswith("layer_scale")},
                              **extra)
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_mambavision.MambaVisionConfig",
+    "AutoModel": "modeling_mambavision.MambaVisionModel",
+    "AutoModelForImageClassification": "modeling_mambavision.MambaVisionModelForImageClassification",
+}
+
+
+def save_model_folder(model, folder, max_shard_size="2GB"):
+    """``save_pretrained`` plus the model code and an ``auto_map``, so the folder loads with trust_remote_code."""
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    for name in mambavision_code.MODEL_FILES:
+        shutil.copy2(mambavision_code.ROOT / name, Path(folder) / name)

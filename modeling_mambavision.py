@@ -39,6 +39,10 @@ class MambaVisionModelOutput(ModelOutput):
     pooler_output: Optional[torch.FloatTensor] = None
     hidden_states: Optional[tuple] = None
 
+    def __iter__(self):
+        # values, not keys, so that `pooled, stage_maps = model(x)` works as with NVIDIA's remote code
+        return iter(self.to_tuple())
+
     @property
     def last_hidden_state(self):
         """The last stage map (before the final norm), as transformers' vision models name it."""

@@ -1,0 +1,50 @@
+"""Shared test helpers: the model code as a package, the fixtures in ../shared, small configs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mambavision_code  # noqa: E402
+from convert_checkpoint import config_from_architecture, convert_state_dict  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+REFERENCE = SHARED / "reference"
+FIXTURE_NAMES = ("tiny_plain", "tiny_layerscale")
+FIXTURE_SIZES = ("224x224", "64x96", "200x152")
+
+modeling = mambavision_code.load("modeling_mambavision")
+configuration = mambavision_code.load("configuration_mambavision")
+
+needs_shared = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES} (../shared beside the checkout)"
+)
+
+
+def tiny_config(**overrides):
+    """A very small MambaVision with mixer and attention blocks at both windowed levels."""
+    fields = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
+                  mlp_ratio=2.0, drop_path_rate=0.0, num_labels=5)
+    fields.update(overrides)
+    return configuration.MambaVisionConfig(**fields)
+
+
+def load_fixture(name):
+    """(config, transformers-named state dict, expected outputs) of a fixture in the original format."""
+    folder = FIXTURES / name
+    config = config_from_architecture(json.loads((folder / "architecture.json").read_text()))
+    checkpoint = torch.load(folder / "original_checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    return config, convert_state_dict(checkpoint["state_dict"]), load_file(folder / "expected_outputs.safetensors")
+
+
+def assert_close_relative(actual, expected, rel=1e-5, what=""):
+    """Relative error against the expected tensor's scale (elementwise, floored at rel * max|expected|)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
