@@ -21,6 +21,13 @@ from transformers.utils import ModelOutput
 from .configuration_mambavision import MambaVisionConfig
 from .selective_scan import selective_scan
 
+# transformers 4.x copies only this file's direct relative imports into its module cache, so the optional
+# Triton kernels are named here to travel with the model; the scan dispatcher imports them when needed.
+try:
+    from .selective_scan_triton import selective_scan_triton  # noqa: F401
+except ImportError:
+    pass
+
 try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
     from transformers import initialization as init
 except ImportError:

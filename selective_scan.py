@@ -9,8 +9,9 @@ Every backend has the signature of ``mamba_ssm.ops.selective_scan_interface.sele
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (state (dim, d_state), float32)
     y_t   = <h_t, C_t> + D * u_t,  then  y * silu(z)          (when z is given)
 
-Backends: ``torch`` (this file, runs anywhere, differentiable), ``mamba_ssm`` (its CUDA kernel, used
-only when installed and verified on the device). ``MAMBAVISION_SCAN_BACKEND`` or the config's
+Backends: ``torch`` (this file, runs anywhere, differentiable), ``triton`` (``selective_scan_triton.py``,
+CUDA, forward and backward, nothing to compile) and ``mamba_ssm`` (its CUDA kernel, used only when
+installed and verified on the device). ``MAMBAVISION_SCAN_BACKEND`` or the config's
 ``scan_backend`` force one; ``auto`` picks the fastest that works for the tensors at hand.
 """
 
@@ -56,6 +57,16 @@ def selective_scan_ref(
     return (y, state) if return_last_state else y
 
 
+def _triton_scan():
+    """This project's Triton scan if Triton imports, else None."""
+    try:
+        from .selective_scan_triton import selective_scan_triton
+    except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+        logger.debug("Triton scan unavailable: %s", error)
+        return None
+    return selective_scan_triton
+
+
 def _mamba_ssm_scan():
     """mamba-ssm's CUDA ``selective_scan_fn`` if it imports, else None (a broken install is common)."""
     try:
@@ -99,23 +110,29 @@ def _warn_once(message):
         logger.warning(message)
 
 
+_FAST_BACKENDS = {"mamba_ssm": _mamba_ssm_scan, "triton": _triton_scan}  # in order of preference
+
+
+@torch.compiler.assume_constant_result
 def resolve_backend(requested, device):
     """The one place that decides which scan runs: ``requested`` ("auto" or a backend) for ``device``.
 
-    The environment variable wins over the config. A forced backend that cannot run raises; "auto"
-    falls back to the PyTorch scan, warning once when a CUDA tensor misses its fast kernel.
+    The environment variable wins over the config. A forced backend that cannot run raises; "auto" takes
+    the first fast backend that works on a CUDA device, else the PyTorch scan, warning once when a CUDA
+    tensor misses its fast kernel. Compiled graphs see the answer as a constant.
     """
     requested = os.environ.get(ENV_BACKEND, requested) or "auto"
     if requested == "torch":
         return "torch"
-    if requested not in ("auto", "mamba_ssm"):
-        raise ValueError(f"unknown scan backend {requested!r}; choose auto, torch or mamba_ssm")
-    if device.type == "cuda":
-        fast = _mamba_ssm_scan()
-        if fast is not None and _works_on("mamba_ssm", fast, device):
-            return "mamba_ssm"
-    if requested == "mamba_ssm":
-        raise RuntimeError(f"scan backend 'mamba_ssm' was forced but does not work on {device}")
+    if requested != "auto" and requested not in _FAST_BACKENDS:
+        raise ValueError(f"unknown scan backend {requested!r}; choose auto, torch, triton or mamba_ssm")
+    candidates = _FAST_BACKENDS if requested == "auto" else [requested]
+    for name in candidates:
+        scan = _FAST_BACKENDS[name]() if device.type == "cuda" else None
+        if scan is not None and _works_on(name, scan, device):
+            return name
+    if requested != "auto":
+        raise RuntimeError(f"scan backend {requested!r} was forced but does not work on {device}")
     if device.type == "cuda":
         _warn_once("MambaVision: no working fast selective-scan kernel for CUDA; using the slower PyTorch scan.")
     return "torch"
@@ -124,5 +141,5 @@ def resolve_backend(requested, device):
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
     """Dispatch to the chosen backend (see ``resolve_backend``)."""
     name = resolve_backend(backend, u.device)
-    scan = _mamba_ssm_scan() if name == "mamba_ssm" else selective_scan_ref
+    scan = selective_scan_ref if name == "torch" else _FAST_BACKENDS[name]()
     return scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
