@@ -8,12 +8,18 @@ files load unchanged. Defaults describe MambaVision-T.
 from timm.data import ImageNetInfo
 from transformers import PretrainedConfig
 
+try:  # transformers >= 5
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneConfigMixin, get_aligned_output_features_output_indices
+
 SCAN_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 CROP_MODES = ("center", "squash")
 NUM_LEVELS = 4
+STAGE_NAMES = ["stem"] + [f"stage{i}" for i in range(1, NUM_LEVELS + 1)]
 
 
-class MambaVisionConfig(PretrainedConfig):
+class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Architecture, mixer constants and preprocessing facts of a MambaVision model.
 
     Args:
@@ -30,6 +36,8 @@ class MambaVisionConfig(PretrainedConfig):
         scan_backend: ``"auto"`` or one of ``"torch"``, ``"triton"``, ``"mamba_ssm"``; the environment
             variable ``MAMBAVISION_SCAN_BACKEND`` overrides it.
         image_size, mean, std, crop_pct, crop_mode, interpolation: the pretrained eval preprocessing.
+        out_features, out_indices: the maps ``MambaVisionBackbone`` returns, by name in ``stage_names``
+            (``"stem"``, ``"stage1"`` ... ``"stage4"``) or by index; default: the last stage.
     """
 
     model_type = "mambavision"
@@ -56,6 +64,8 @@ class MambaVisionConfig(PretrainedConfig):
         crop_pct=1.0,
         crop_mode="center",
         interpolation="bicubic",
+        out_features=None,
+        out_indices=None,
         **kwargs,
     ):
         self.depths = list(depths)
@@ -79,6 +89,9 @@ class MambaVisionConfig(PretrainedConfig):
         self.crop_mode = crop_mode
         self.interpolation = interpolation
         self._validate()
+        kwargs.pop("stage_names", None)  # written by to_dict, always the same
+        self.stage_names = list(STAGE_NAMES)
+        self._set_backbone_outputs(out_features, out_indices)
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             # NVIDIA's config.json files name no labels: their heads are ImageNet-1k classifiers
             kwargs["id2label"] = dict(enumerate(ImageNetInfo().label_descriptions()))
@@ -93,6 +106,20 @@ class MambaVisionConfig(PretrainedConfig):
     def num_features(self):
         """Channels of the pooled features."""
         return self.hidden_sizes[-1]
+
+    def _set_backbone_outputs(self, out_features, out_indices):
+        """Check ``out_features``/``out_indices`` against ``stage_names`` and fill in the missing one."""
+        out_features = list(out_features) if out_features is not None else None
+        out_indices = list(out_indices) if out_indices is not None else None
+        try:
+            if hasattr(self, "set_output_features_output_indices"):  # transformers >= 5
+                self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+            else:
+                self._out_features, self._out_indices = get_aligned_output_features_output_indices(
+                    out_features=out_features, out_indices=out_indices, stage_names=self.stage_names
+                )
+        except ValueError as error:
+            raise ValueError(f"MambaVisionConfig: {error}") from None
 
     def _validate(self):
         for name in ("depths", "num_heads", "window_size"):
