@@ -1,0 +1,141 @@
+"""The published MambaVision variants as one data table, for the converter and the model cards.
+
+Each entry holds what a Hub repository needs: the architecture (``MambaVisionConfig`` fields, as in
+NVIDIA's model definitions), the pretrained eval preprocessing, where the original checkpoint lives, the
+license, and the numbers NVIDIA publishes for it (github.com/NVlabs/MambaVision README). A custom entry
+(another architecture, another license) is a ``Variant`` too, and renders the same model card.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NVIDIA_LICENSE = {
+    "license": "other",
+    "license_name": "nvclv1",
+    "license_link": "https://github.com/NVlabs/MambaVision/blob/main/LICENSE",
+    "title": "NVIDIA Source Code License-NC",
+    "terms": (
+        "The weights and the model code are NVIDIA's, licensed for non-commercial use only (research and "
+        "evaluation). Read the full terms before using the model; for commercial use, contact NVIDIA Research "
+        "Licensing (https://www.nvidia.com/en-us/research/inquiries/)."
+    ),
+}
+RESULTS_SOURCE = {"name": "NVlabs/MambaVision", "url": "https://github.com/NVlabs/MambaVision"}
+IMAGENET_1K = "ILSVRC/imagenet-1k"
+IMAGENET_21K = "ILSVRC/imagenet-21k"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One Hub repository: architecture, preprocessing, original checkpoint, card facts.
+
+    Args:
+        name: the Hub model name (``MambaVision-T-1K``), also the card's title.
+        repo_id: the Hub repository that publishes it (and holds the original ``checkpoint``).
+        checkpoint: file name of the original checkpoint in ``repo_id``, or ``None`` for a custom entry.
+        architecture: ``MambaVisionConfig`` architecture fields.
+        image_size, crop_pct, crop_mode, interpolation, mean, std: the pretrained eval preprocessing.
+        imagenet_labels: whether the head predicts the ImageNet-1k classes (names from timm).
+        datasets: Hub dataset ids it was trained on (pretraining first).
+        description: what the model is, one paragraph of the card.
+        results: published ``top1``/``top5`` accuracy (%), ``params_m``, ``flops_g``, ``throughput`` (img/s,
+            ``None`` where unpublished), or ``None``.
+        license: ``license``/``license_name``/``license_link`` for the card metadata, ``title`` and
+            ``terms`` for its text.
+    """
+
+    name: str
+    repo_id: str
+    checkpoint: Optional[str]
+    architecture: dict
+    image_size: int = 224
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    imagenet_labels: bool = True
+    datasets: tuple = (IMAGENET_1K,)
+    description: str = ""
+    results: Optional[dict] = None
+    license: dict = field(default_factory=lambda: dict(NVIDIA_LICENSE))
+
+    @property
+    def checkpoint_url(self):
+        """Download address of the original checkpoint."""
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.checkpoint}"
+
+    @property
+    def preprocessing(self):
+        """The ``MambaVisionConfig`` preprocessing fields."""
+        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+
+def _architecture(dim, in_dim, depths, num_heads, window_size, drop_path_rate, layer_scale=None):
+    return {"dim": dim, "in_dim": in_dim, "depths": depths, "num_heads": num_heads, "window_size": window_size,
+            "mlp_ratio": 4.0, "drop_path_rate": drop_path_rate, "layer_scale": layer_scale, "layer_scale_conv": None}
+
+
+# NVIDIA's definitions (mamba_vision.py); levels 0-1 are convolutional, their head counts go unused.
+TINY = _architecture(80, 32, [1, 3, 8, 4], [2, 4, 8, 16], [8, 8, 14, 7], 0.2)
+TINY2 = _architecture(80, 32, [1, 3, 11, 4], [2, 4, 8, 16], [8, 8, 14, 7], 0.2)
+SMALL = _architecture(96, 64, [3, 3, 7, 5], [2, 4, 8, 16], [8, 8, 14, 7], 0.2)
+BASE = _architecture(128, 64, [3, 3, 10, 5], [2, 4, 8, 16], [8, 8, 14, 7], 0.3, 1e-5)
+LARGE = _architecture(196, 64, [3, 3, 10, 5], [4, 8, 16, 32], [8, 8, 14, 7], 0.3, 1e-5)
+LARGE2 = _architecture(196, 64, [3, 3, 12, 5], [4, 8, 16, 32], [8, 8, 14, 7], 0.3, 1e-5)
+LARGE2_512 = _architecture(196, 64, [3, 3, 12, 5], [4, 8, 16, 32], [8, 8, 32, 16], 0.3, 1e-5)
+LARGE3_256 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 16, 8], 0.5, 1e-5)
+LARGE3_512 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 32, 16], 0.5, 1e-5)
+
+IN1K = "Trained from scratch on ImageNet-1K at 224x224."
+IN21K = "Pretrained on ImageNet-21K, then fine-tuned on ImageNet-1K at {size}x{size}; it predicts the 1,000 ImageNet-1K classes."
+
+
+def _results(top1, top5, params_m, flops_g, throughput=None):
+    return {"top1": top1, "top5": top5, "params_m": params_m, "flops_g": flops_g, "throughput": throughput}
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in (
+        Variant("MambaVision-T-1K", "nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar", TINY,
+                description=f"The smallest MambaVision. {IN1K}", results=_results(82.3, 96.2, 31.8, 4.4, 6298)),
+        Variant("MambaVision-T2-1K", "nvidia/MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", TINY2,
+                crop_pct=0.98, description=f"MambaVision-T with three more blocks in its third level. {IN1K}",
+                results=_results(82.7, 96.3, 35.1, 5.1, 5990)),
+        Variant("MambaVision-S-1K", "nvidia/MambaVision-S-1K", "mambavision_small_1k.pth.tar", SMALL,
+                crop_pct=0.93, description=f"The small MambaVision. {IN1K}",
+                results=_results(83.3, 96.5, 50.1, 7.5, 4700)),
+        Variant("MambaVision-B-1K", "nvidia/MambaVision-B-1K", "mambavision_base_1k.pth.tar", BASE,
+                description=f"The base MambaVision, with layer scale. {IN1K}",
+                results=_results(84.2, 96.9, 97.7, 15.0, 3670)),
+        Variant("MambaVision-B-21K", "nvidia/MambaVision-B-21K", "mambavision_base_21k.pth.tar", BASE,
+                datasets=(IMAGENET_21K, IMAGENET_1K), description=f"The base MambaVision. {IN21K.format(size=224)}",
+                results=_results(84.9, 97.5, 97.7, 15.0)),
+        Variant("MambaVision-L-1K", "nvidia/MambaVision-L-1K", "mambavision_large_1k.pth.tar", LARGE,
+                description=f"The large MambaVision. {IN1K}", results=_results(85.0, 97.1, 227.9, 34.9, 2190)),
+        Variant("MambaVision-L-21K", "nvidia/MambaVision-L-21K", "mambavision_large_21k.pth.tar", LARGE,
+                datasets=(IMAGENET_21K, IMAGENET_1K), description=f"The large MambaVision. {IN21K.format(size=224)}",
+                results=_results(86.1, 97.9, 227.9, 34.9)),
+        Variant("MambaVision-L2-1K", "nvidia/MambaVision-L2-1K", "mambavision_large2_1k.pth.tar", LARGE2,
+                description=f"MambaVision-L with two more blocks in its third level. {IN1K}",
+                results=_results(85.3, 97.2, 241.5, 37.5, 1021)),
+        Variant("MambaVision-L2-512-21K", "nvidia/MambaVision-L2-512-21K", "mambavision_L2_21k_240m_512.pth.tar",
+                LARGE2_512, image_size=512, crop_pct=0.93, crop_mode="squash", datasets=(IMAGENET_21K, IMAGENET_1K),
+                description=f"MambaVision-L2 with larger windows for high resolution. {IN21K.format(size=512)}",
+                results=_results(87.3, 98.4, 241.5, 196.3)),
+        Variant("MambaVision-L3-256-21K", "nvidia/MambaVision-L3-256-21K", "mambavision_L3_21k_740m_256.pth.tar",
+                LARGE3_256, image_size=256, datasets=(IMAGENET_21K, IMAGENET_1K),
+                description=f"The largest MambaVision (740M parameters). {IN21K.format(size=256)}",
+                results=_results(87.3, 98.3, 739.6, 122.3)),
+        Variant("MambaVision-L3-512-21K", "nvidia/MambaVision-L3-512-21K", "mambavision_L3_21k_740m_512.pth.tar",
+                LARGE3_512, image_size=512, crop_pct=0.93, crop_mode="squash", datasets=(IMAGENET_21K, IMAGENET_1K),
+                description=f"The largest MambaVision (740M parameters), with larger windows for high resolution. "
+                            f"{IN21K.format(size=512)}",
+                results=_results(88.1, 98.6, 739.6, 489.1)),
+    )
+}
