@@ -1,6 +1,7 @@
 """Shared test helpers: the model code as a package, the fixtures in ../shared, small configs."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 import mambavision_code  # noqa: E402
 from convert_checkpoint import config_from_architecture, convert_state_dict  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("MAMBAVISION_SHARED", ROOT.parent / "shared"))  # the team's reference folder
 FIXTURES = SHARED / "fixtures"
 REFERENCE = SHARED / "reference"
 FIXTURE_NAMES = ("tiny_plain", "tiny_layerscale")

@@ -192,3 +192,17 @@ def test_wrong_channel_count_is_refused():
     model = modeling.MambaVisionModel(tiny_config())
     with pytest.raises(ValueError, match=r"\(batch, 3, height, width\), got \(1, 1, 32, 32\)"):
         model(torch.randn(1, 1, 32, 32))
+
+
+@needs_shared
+def test_fold_batchnorm_keeps_outputs():
+    config, state_dict, expected = load_fixture("tiny_layerscale")
+    model = modeling.MambaVisionModelForImageClassification(config).eval()
+    model.load_state_dict(state_dict)
+    model.fold_batchnorm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.model.levels[:2].modules())
+    with torch.no_grad():
+        logits = model(expected["input_200x152"]).logits
+    assert_close_relative(logits, expected["logits_200x152"], rel=1e-4, what="folded logits")
+    with pytest.raises(RuntimeError, match="eval-mode"):
+        modeling.MambaVisionModel(config).train().fold_batchnorm()

@@ -1,0 +1,155 @@
+"""The Triton selective scan against the float32 reference: in Triton's CPU interpreter here, on a GPU
+per dtype (forward and gradients), and the whole model's fast CUDA path against its reference path."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_close_relative, load_fixture, modeling, needs_shared
+
+triton_missing = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+# ||fast - ref|| / ||ref|| allowed per input dtype; the reference runs in float32 on the same (rounded) inputs
+TOLERANCES = {torch.float32: {"out": 1e-5, "grad": 1e-4},
+              torch.float16: {"out": 2e-3, "grad": 5e-3},
+              torch.bfloat16: {"out": 1e-2, "grad": 3e-2}}
+SHAPES = [(8, 160, 196), (4, 320, 49), (2, 80, 256), (1, 96, 1024), (3, 20, 37)]  # (batch, channels, length)
+
+
+def scan_problem(batch, dim, length, dtype, device, seed, d_state=8):
+    """Random scan inputs as the mixer produces them: u and delta views of a (batch, length, dim) layout."""
+    gen = torch.Generator().manual_seed(seed)
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+    u = rand(batch, length, dim).to(dtype).transpose(1, 2)
+    delta = rand(batch, length, dim, scale=0.5).to(dtype).transpose(1, 2)
+    tensors = dict(u=u, delta=delta, A=-torch.exp(rand(dim, d_state)), B=rand(batch, d_state, length).to(dtype),
+                   C=rand(batch, d_state, length).to(dtype), D=rand(dim), delta_bias=rand(dim, scale=0.5))
+    return {k: v.detach().requires_grad_() for k, v in tensors.items()}
+
+
+def relative_error(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def compare_with_reference(batch, dim, length, dtype, device, seed):
+    scan = __import__("mambavision_code").load("selective_scan")
+    triton_scan = __import__("mambavision_code").load("selective_scan_triton").selective_scan_triton
+    inputs = scan_problem(batch, dim, length, dtype, device, seed)
+    order = ("u", "delta", "A", "B", "C", "D")
+    kwargs = dict(delta_bias=inputs["delta_bias"], delta_softplus=True)
+    fast = triton_scan(*(inputs[k] for k in order), **kwargs)
+    ref = scan.selective_scan_ref(*(inputs[k] for k in order), **kwargs)
+    assert fast.dtype == ref.dtype == dtype
+    weight = torch.randn(fast.shape, device=device)
+    fast_grads = torch.autograd.grad((fast.float() * weight).sum(), list(inputs.values()))
+    ref_grads = torch.autograd.grad((ref.float() * weight).sum(), list(inputs.values()))
+    errors = {"out": relative_error(fast, ref)}
+    errors.update({name: relative_error(f, r) for name, f, r in zip(inputs, fast_grads, ref_grads)})
+    return errors
+
+
+INTERPRETER_CHECK = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from test_triton_scan import compare_with_reference
+for shape in [(2, 20, 37), (1, 16, 16), (2, 5, 3)]:
+    errors = compare_with_reference(*shape, dtype=__import__("torch").float32, device="cpu", seed=sum(shape))
+    worst = max(errors.values())
+    assert worst < 1e-5, (shape, errors)
+print("ok")
+"""
+
+
+@triton_missing
+def test_triton_kernels_in_interpreter():
+    """The kernels' logic (chunking, masking, reverse scan, partial sums) on CPU via TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK, str(ROOT)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@needs_cuda
+@triton_missing
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_scan_matches_reference_on_gpu(shape, dtype):
+    errors = compare_with_reference(*shape, dtype=dtype, device="cuda", seed=sum(shape))
+    tolerance = TOLERANCES[dtype]
+    assert errors["out"] < tolerance["out"], errors
+    assert all(e < tolerance["grad"] for name, e in errors.items() if name != "out"), errors
+
+
+def _fixture_model(name, backend, monkeypatch):
+    monkeypatch.setenv("MAMBAVISION_SCAN_BACKEND", backend)
+    config, state_dict, expected = load_fixture(name)
+    model = modeling.MambaVisionModelForImageClassification(config).cuda().eval()
+    model.load_state_dict(state_dict)
+    return model, expected
+
+
+@needs_cuda
+@triton_missing
+@needs_shared
+def test_model_on_triton_matches_original_outputs(monkeypatch):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, expected = _fixture_model("tiny_layerscale", "triton", monkeypatch)
+    for size in ("224x224", "64x96", "200x152"):
+        with torch.no_grad():
+            out = model(expected[f"input_{size}"].cuda(), output_hidden_states=True)
+        assert_close_relative(out.logits.cpu(), expected[f"logits_{size}"], rel=1e-5, what=f"logits {size}")
+        for i, stage_map in enumerate(out.hidden_states, start=1):
+            assert_close_relative(stage_map.cpu(), expected[f"stage{i}_{size}"], rel=1e-5, what=f"stage{i} {size}")
+
+
+@needs_cuda
+@triton_missing
+@needs_shared
+def test_fast_inference_path_matches_reference(monkeypatch):
+    """bf16 autocast, channels_last and folded BatchNorm on Triton against the float32 original outputs."""
+    model, expected = _fixture_model("tiny_plain", "triton", monkeypatch)
+    model.fold_batchnorm().to(memory_format=torch.channels_last)
+    pixels = expected["input_224x224"].cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(pixels).logits.float().cpu()
+    assert relative_error(logits, expected["logits_224x224"]) < 3e-2
+
+
+@needs_cuda
+@triton_missing
+@needs_shared
+def test_training_gradients_match_between_backends(monkeypatch):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    grads = {}
+    for backend in ("torch", "triton"):
+        model, expected = _fixture_model("tiny_layerscale", backend, monkeypatch)
+        model.train()
+        loss = model(expected["input_64x96"].cuda(), labels=torch.tensor([1, 7], device="cuda")).loss
+        loss.backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters()}
+    for name, ref in grads["torch"].items():
+        assert relative_error(grads["triton"][name], ref) < 1e-4, name
+
+
+@needs_cuda
+@triton_missing
+@needs_shared
+def test_compile_fullgraph_with_triton(monkeypatch):
+    model, expected = _fixture_model("tiny_plain", "triton", monkeypatch)
+    compiled = torch.compile(model, fullgraph=True)
+    pixels = expected["input_200x152"].cuda()
+    with torch.no_grad():
+        eager, fast = model(pixels).logits, compiled(pixels).logits
+    assert relative_error(fast, eager) < 1e-4
+    model.train()
+    compiled(pixels, labels=torch.tensor([0, 1], device="cuda")).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
