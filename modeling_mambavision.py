@@ -15,7 +15,7 @@ from timm.layers import DropPath
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput
 
 from .configuration_mambavision import MambaVisionConfig
@@ -27,6 +27,11 @@ try:
     from .selective_scan_triton import selective_scan_triton  # noqa: F401
 except ImportError:
     pass
+
+try:  # transformers >= 5
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneMixin
 
 try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
     from transformers import initialization as init
@@ -380,3 +385,41 @@ class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (loss, logits, hidden_states) if v is not None)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
+    """The stem and stage maps that ``config.out_features`` selects, for detection and segmentation heads.
+
+    Maps are those of ``MambaVisionModel`` (each level's output before its downsample); ``stem`` is the
+    stem's output. Parameter names are the classifier's, so its checkpoints load; the classifier's final
+    norm and head are not part of the backbone.
+    """
+
+    has_attentions = False  # windowed attention runs fused; its weights are not returned
+    _keys_to_ignore_on_load_unexpected = [r"^model\.norm\.", r"^model\.head\."]
+
+    def __init__(self, config):
+        super().__init__(config)
+        if hasattr(self, "_init_backbone"):  # transformers < 5 sets the mixin up explicitly
+            self._init_backbone(config)
+        self.model = MambaVisionEncoder(config)
+        del self.model.norm  # applies to the pooled features only
+        self.num_features = [config.dim, *config.hidden_sizes]  # channels per name in stage_names
+        self.post_init()
+
+    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        self._check_pixel_values(pixel_values)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        x = self.model.patch_embed(pixel_values)
+        maps = [x]
+        for level in self.model.levels:
+            x, stage_map = level(x)
+            maps.append(stage_map)
+        feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in self.out_features)
+        hidden_states = tuple(maps) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
