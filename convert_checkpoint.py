@@ -73,15 +73,19 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mambavision.MambaVisionConfig",
     "AutoModel": "modeling_mambavision.MambaVisionModel",
     "AutoModelForImageClassification": "modeling_mambavision.MambaVisionModelForImageClassification",
+    "AutoBackbone": "modeling_mambavision.MambaVisionBackbone",
 }
 
 
 def save_model_folder(model, folder, max_shard_size="2GB"):
-    """``save_pretrained`` plus the model code and an ``auto_map``, so the folder loads with trust_remote_code."""
+    """``save_pretrained`` plus the model code, an ``auto_map`` and the image processor of the config's
+    preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code."""
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     for name in mambavision_code.MODEL_FILES:
         shutil.copy2(mambavision_code.ROOT / name, Path(folder) / name)
+    image_processing = mambavision_code.load("image_processing_mambavision")
+    image_processing.MambaVisionImageProcessor.from_model_config(model.config).save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "mambavision_hub_code"
 # The files a model folder needs next to its weights (copied by the converter).
-MODEL_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py")
+MODEL_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
+               "image_processing_mambavision.py")
 
 
 def load(module="modeling_mambavision"):
