@@ -22,7 +22,7 @@ import shutil
 import struct
 import sys
 import tempfile
-import zipfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_
 from safetensors.torch import load_file
 from timm.data import ImageNetInfo
 from transformers import AutoModelForImageClassification
+from transformers.utils import IMAGE_PROCESSOR_NAME
+from transformers.utils import logging as transformers_logging
 
 import mambavision_code
 from variants import RESULTS_SOURCE, VARIANTS, Variant
@@ -188,13 +190,12 @@ def fetch_checkpoint(variant):
 
 
 def _file_format(path):
-    """``"zip"`` (torch.save), ``"safetensors"``, ``"pickle"`` (legacy torch.save) or ``None``."""
-    if zipfile.is_zipfile(path):
-        return "zip"
+    """``"zip"`` (torch.save), ``"safetensors"``, ``"pickle"`` (legacy torch.save) or ``None``, by content."""
     with open(path, "rb") as file:
         head = file.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    if head[:4] == b"PK\x03\x04":  # a zip archive, perhaps truncated (torch.load then says so)
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
         return "safetensors"
     if head[:1] == b"\x80":  # pickle protocol 2+ opcode
         return "pickle"
@@ -285,8 +286,11 @@ def _stage_shapes(config):
     return shapes
 
 
-def render_model_card(variant, model, repo_id):
-    """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the template."""
+def render_model_card(variant, model, repo_id, image_processor=False):
+    """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the template.
+
+    ``image_processor``: whether the folder has a ``preprocessor_config.json`` for the usage snippet to load.
+    """
     config, results, license_ = model.config, variant.results, variant.license
     eval_results = None
     if results:
@@ -309,7 +313,7 @@ def render_model_card(variant, model, repo_id):
         num_labels=config.num_labels, stage_shapes=_stage_shapes(config), results=results,
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
         license_terms=license_.get("terms", ""), license_link=license_.get("license_link"),
-        datasets=list(variant.datasets), **variant.preprocessing,
+        datasets=list(variant.datasets), image_processor=image_processor, **variant.preprocessing,
     )
 
 
@@ -365,17 +369,19 @@ def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
 
 def convert(variant, checkpoint, output_dir, *, repo_id=None, overwrite=False, max_shard_size="2GB", verify=False):
     """Original checkpoint -> complete model folder at ``output_dir``; returns its path."""
-    output_dir = Path(output_dir)
+    output_dir, start = Path(output_dir), time.monotonic()
     check_output_dir(output_dir, overwrite)
     config = build_config(variant)
     model = build_model(config, read_checkpoint(checkpoint), variant.name)
     with staged_folder(output_dir, overwrite) as folder:
         progress(f"writing {folder.name}: config, safetensors weights (shards up to {max_shard_size}), code, model card")
         save_model_folder(model, folder, max_shard_size=max_shard_size)
-        render_model_card(variant, model, repo_id or variant.repo_id).save(folder / "README.md")
+        card = render_model_card(variant, model, repo_id or variant.repo_id,
+                                 image_processor=(folder / IMAGE_PROCESSOR_NAME).is_file())
+        card.save(folder / "README.md")
         if verify:
             verify_folder(folder, model)
-    progress(f"wrote {output_dir}")
+    progress(f"wrote {output_dir} in {time.monotonic() - start:.1f} s")
     return output_dir
 
 
@@ -408,7 +414,7 @@ def push_to_hub(folder, repo_id, *, private=False, token=None, commit_message=No
 
 def _parser():
     parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()  # none: --push-to-hub publishes an existing --output-dir
     what.add_argument("--variant", help="Hub name of a published variant, e.g. MambaVision-T-1K")
     what.add_argument("--config", help="JSON of config fields for a custom architecture (needs --checkpoint)")
     what.add_argument("--all", action="store_true", help="convert every variant, one folder each under --output-dir")
@@ -439,10 +445,13 @@ class _Parser(argparse.ArgumentParser):
 def _check_arguments(args):
     if args.list_variants:
         return
+    if not (args.variant or args.config or args.all or args.push_to_hub):
+        raise UsageError("one of --variant, --config, --all or --list-variants is required "
+                         "(or --push-to-hub alone, to publish an existing --output-dir)")
     if not args.output_dir:
         raise UsageError("--output-dir is required")
-    if args.all and args.checkpoint:
-        raise UsageError("--checkpoint converts one variant; use --checkpoint-dir with --all")
+    if args.checkpoint and not (args.variant or args.config):
+        raise UsageError("--checkpoint goes with --variant or --config (use --checkpoint-dir with --all)")
     if args.checkpoint_dir and not args.all:
         raise UsageError("--checkpoint-dir goes with --all; use --checkpoint for one variant")
     if args.config and not args.checkpoint:
@@ -457,6 +466,11 @@ def _check_arguments(args):
         raise UsageError("with --all, --push-to-hub takes an owner (user or organisation), not a repo id")
 
 
+def _commit_message(push, variant, checkpoint):
+    """The push options, with a commit message that names the source file unless one was given."""
+    return {**push, "commit_message": push["commit_message"] or f"Upload {variant.name} (converted from {Path(checkpoint).name})"}
+
+
 def _run(args):
     push = dict(private=args.private, token=args.token, commit_message=args.commit_message,
                 revision=args.revision, dry_run=args.dry_run)
@@ -464,6 +478,12 @@ def _run(args):
     if args.list_variants:
         for variant in VARIANTS.values():
             print(f"{variant.name:24} {variant.repo_id:32} {variant.checkpoint}")
+        return
+    if not (args.variant or args.config or args.all):
+        folder = Path(args.output_dir)
+        if not (folder / "config.json").is_file():
+            raise ConversionError(f"{folder} holds no converted model (no config.json) to push")
+        push_to_hub(folder, args.push_to_hub, **push)
         return
     if not args.all:
         output_dir = Path(args.output_dir)
@@ -475,7 +495,7 @@ def _run(args):
         checkpoint = args.checkpoint or fetch_checkpoint(variant)
         convert(variant, checkpoint, output_dir, repo_id=args.push_to_hub, **options)
         if args.push_to_hub:
-            push_to_hub(output_dir, args.push_to_hub, **push)
+            push_to_hub(output_dir, args.push_to_hub, **_commit_message(push, variant, checkpoint))
         return
     root = Path(args.output_dir)
     jobs = [(variant, root / name) for name, variant in VARIANTS.items()]
@@ -492,13 +512,14 @@ def _run(args):
             checkpoint = Path(args.checkpoint_dir) / variant.checkpoint if args.checkpoint_dir else fetch_checkpoint(variant)
             convert(variant, checkpoint, folder, repo_id=repo_id, **options)
             if repo_id:
-                push_to_hub(folder, repo_id, **push)
+                push_to_hub(folder, repo_id, **_commit_message(push, variant, checkpoint))
         except ConversionError as error:
             raise ConversionError(f"{variant.name}: {error}") from None
 
 
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 on success)."""
+    transformers_logging.disable_progress_bar()  # stderr is for errors; progress goes to stdout
     try:
         args = _parser().parse_args(argv)
         _check_arguments(args)

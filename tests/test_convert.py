@@ -1,0 +1,575 @@
+"""convert_checkpoint.py: original checkpoints to Hub-ready folders, refusal of bad input, model card, push."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
+from timm.data import ImageNetInfo
+from transformers import AutoModel, AutoModelForImageClassification
+
+import convert_checkpoint
+import mambavision_code
+from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, assert_close_relative, modeling,
+                      needs_shared, tiny_config)
+from convert_checkpoint import main
+from variants import VARIANTS, Variant
+
+TINY_ARCHITECTURE = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
+                         mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5)
+# end to end in CI (random weights, reloaded strictly and verified): T with sharding, B, a 512-pixel 21K variant
+END_TO_END = {"MambaVision-T-1K": ["--verify", "--max-shard-size", "50MB"], "MambaVision-B-1K": ["--verify"],
+              "MambaVision-L2-512-21K": ["--verify"]}
+
+
+def random_original_state_dict(config, seed=0):
+    """Random tensors in the original checkpoint layout (no ``model.`` prefix), finite through a forward pass."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in modeling.MambaVisionModelForImageClassification(config).state_dict().items()}
+    state_dict = {}
+    for key, shape in shapes.items():
+        original = key.removeprefix("model.")
+        if key.endswith("num_batches_tracked"):
+            state_dict[original] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state_dict[original] = torch.rand(shape, generator=generator) + 0.5
+        else:
+            state_dict[original] = torch.randn(shape, generator=generator) * 0.05
+    return state_dict
+
+
+def run(argv, capsys):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_refused(status, err, parent, before, *fragments):
+    """A clean failure: non-zero status, one `error:` line naming the problem, nothing left in ``parent``."""
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert sorted(p.name for p in parent.iterdir()) == before
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny custom architecture (--config) and its original-format checkpoint; ``out`` is an empty parent."""
+    config = tiny_config(num_labels=5, layer_scale=0.5)
+    state_dict = random_original_state_dict(config)
+    config_file = tmp_path / "architecture.json"
+    config_file.write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 5}))
+    checkpoint = tmp_path / "original.pth.tar"
+    torch.save({"state_dict": state_dict, "epoch": 3}, checkpoint)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def argv(checkpoint_path=checkpoint, *extra):
+        return ["--config", config_file, "--checkpoint", checkpoint_path, "--output-dir", out / "model", *extra]
+
+    return dict(state_dict=state_dict, config=config_file, checkpoint=checkpoint, out=out, argv=argv)
+
+
+def _layout_name(variant):
+    """The ../shared/reference name of a Hub variant, matched through the original checkpoint URL."""
+    reference = json.loads((REFERENCE / "variants.json").read_text())
+    return next(name for name, spec in reference.items() if spec["pretrained_cfg"]["url"] == variant.checkpoint_url)
+
+
+# --- acceptance: fixtures and variants ---------------------------------------------------------------------
+
+
+@needs_shared
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_converts_and_reproduces_original_outputs(name, tmp_path, capsys):
+    folder = tmp_path / name
+    status, out, err = run(["--config", FIXTURES / name / "architecture.json", "--checkpoint",
+                            FIXTURES / name / "original_checkpoint.pth.tar", "--output-dir", folder, "--verify"], capsys)
+    assert status == 0, err
+    assert "verified" in out
+    classifier, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
+                                                                       output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    backbone, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"], info
+    expected = load_file(FIXTURES / name / "expected_outputs.safetensors")
+    for size in FIXTURE_SIZES:
+        pixels = expected[f"input_{size}"]
+        with torch.no_grad():
+            logits = classifier.eval()(pixels).logits
+            pooled, stage_maps = backbone.eval()(pixels)
+        assert_close_relative(logits, expected[f"logits_{size}"], what=f"{name} logits {size}")
+        assert_close_relative(pooled, expected[f"pooled_{size}"], what=f"{name} pooled {size}")
+        for i, stage_map in enumerate(stage_maps, start=1):
+            assert_close_relative(stage_map, expected[f"stage{i}_{size}"], what=f"{name} stage{i} {size}")
+
+
+@needs_shared
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_table_matches_reference(name):
+    variant = VARIANTS[name]
+    spec = json.loads((REFERENCE / "variants.json").read_text())[_layout_name(variant)]
+    architecture, preprocessing = spec["architecture"], spec["pretrained_cfg"]
+    for field in ("dim", "in_dim", "depths", "window_size", "mlp_ratio", "layer_scale_conv"):
+        assert variant.architecture[field] == architecture[field], field
+    layer_scale = architecture["layer_scale"]  # float32 1e-5 there
+    assert variant.architecture["layer_scale"] == (layer_scale and pytest.approx(layer_scale, rel=1e-6))
+    assert variant.architecture["num_heads"][2:] == architecture["num_heads"][2:]  # levels 0-1 use no heads
+    assert variant.imagenet_labels and architecture["num_classes"] == 1000
+    assert [3, variant.image_size, variant.image_size] == preprocessing["input_size"]
+    for field in ("crop_pct", "crop_mode", "interpolation"):
+        assert getattr(variant, field) == preprocessing[field], field
+    assert list(variant.mean) == pytest.approx(preprocessing["mean"]) and list(variant.std) == pytest.approx(preprocessing["std"])
+    config = convert_checkpoint.build_config(variant)
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in modeling.MambaVisionModelForImageClassification(config).parameters())
+    assert num_params == spec["num_params"]
+    assert abs(variant.results["params_m"] * 1e6 - num_params) < 0.1e6  # the published count is this model's
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_accepts_its_original_layout(name):
+    """Key/shape level for all variants: the original layout (../shared when there) checks and loads strictly."""
+    variant = VARIANTS[name]
+    config = convert_checkpoint.build_config(variant)
+    if REFERENCE.is_dir():
+        layout = json.loads((REFERENCE / "checkpoint_layout" / f"{_layout_name(variant)}.json").read_text())
+        shapes = {key: shape for key, (_, shape) in layout.items()}
+    else:
+        with torch.device("meta"):
+            model = modeling.MambaVisionModelForImageClassification(config)
+        shapes = {key.removeprefix("model."): value.shape for key, value in model.state_dict().items()}
+    state_dict = {f"module.{key}": torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    model = convert_checkpoint.build_model(config, state_dict, name)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {f"model.{k}": tuple(s) for k, s in shapes.items()}
+    assert config.num_labels == 1000 and config.id2label[0] == ImageNetInfo("imagenet-1k").label_descriptions()[0]
+
+
+@pytest.mark.parametrize("name", END_TO_END)
+def test_variant_converts_end_to_end(name, tmp_path, capsys):
+    variant = VARIANTS[name]
+    source = random_original_state_dict(convert_checkpoint.build_config(variant))
+    checkpoint = tmp_path / variant.checkpoint
+    torch.save({"state_dict": source, "epoch": 3}, checkpoint)
+    folder = tmp_path / name
+    extra = END_TO_END[name]
+    status, out, err = run(["--variant", name, "--checkpoint", checkpoint, "--output-dir", folder, *extra], capsys)
+    checkpoint.unlink()
+    assert status == 0, err
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["MambaVisionModelForImageClassification"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(config["auto_map"])
+    labels = ImageNetInfo("imagenet-1k").label_descriptions()
+    assert config["id2label"] == {str(i): label for i, label in enumerate(labels)}
+    assert config["label2id"] == {label: i for i, label in enumerate(labels)}
+    for field, value in variant.preprocessing.items():
+        assert config[field] == value, field
+    for file in mambavision_code.MODEL_FILES:
+        assert (folder / file).read_text() == (ROOT / file).read_text()
+    if "--max-shard-size" in extra:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    model, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
+                                                                  output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    reloaded = model.state_dict()
+    assert set(reloaded) == {f"model.{key}" for key in source}
+    for key, tensor in source.items():
+        assert torch.equal(reloaded[f"model.{key}"], tensor), key
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.model_name == name and f'AutoModel.from_pretrained("{variant.repo_id}"' in card.text
+    if (folder / "preprocessor_config.json").is_file():  # the snippet preprocesses with the saved processor
+        assert f'AutoImageProcessor.from_pretrained("{variant.repo_id}"' in card.text
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["bare", "state_dict", "model", "module_prefix", "legacy_pickle",
+                                    "safetensors", "hub_safetensors"])
+def test_reads_checkpoint_layouts(layout, tiny, capsys):
+    source = tiny["state_dict"]
+    path = tiny["checkpoint"].with_suffix(".safetensors" if "safetensors" in layout else ".bin")
+    if layout == "bare":
+        torch.save(source, path)
+    elif layout == "state_dict":
+        torch.save({"state_dict": source, "optimizer": {"lr": 0.1}}, path)
+    elif layout == "model":
+        torch.save({"model": source, "epoch": 300}, path)
+    elif layout == "module_prefix":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in source.items()}}, path)
+    elif layout == "legacy_pickle":
+        torch.save({"state_dict": source}, path, _use_new_zipfile_serialization=False)
+    elif layout == "safetensors":
+        save_file(source, path)
+    else:  # NVIDIA's Hub repos: the same tensors under `model.`
+        save_file({f"model.{k}": v for k, v in source.items()}, path)
+    status, out, err = run(tiny["argv"](path), capsys)
+    assert status == 0, err
+    written = load_file(tiny["out"] / "model" / "model.safetensors")
+    assert written.keys() == {f"model.{k}" for k in source}
+    for key, tensor in source.items():
+        assert torch.equal(written[f"model.{key}"], tensor), key
+
+
+# --- bad input: one clear line, non-zero status, nothing left behind -----------------------------------------
+
+
+def test_refuses_truncated_file(tiny, capsys):
+    data = tiny["checkpoint"].read_bytes()
+    tiny["checkpoint"].write_bytes(data[: len(data) // 2])
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "damaged or truncated")
+
+
+def test_refuses_text_file(tiny, capsys):
+    tiny["checkpoint"].write_text("not a checkpoint\n")
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "is not a PyTorch checkpoint")
+
+
+def test_refuses_missing_key(tiny, capsys):
+    state_dict = dict(tiny["state_dict"])
+    del state_dict["head.weight"]
+    torch.save({"state_dict": state_dict}, tiny["checkpoint"])
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "missing 1: head.weight")
+
+
+def test_refuses_unexpected_key(tiny, capsys):
+    torch.save({"state_dict": {**tiny["state_dict"], "levels.9.extra": torch.zeros(2)}}, tiny["checkpoint"])
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "unexpected 1: levels.9.extra")
+
+
+def test_refuses_wrong_shape(tiny, capsys):
+    torch.save({"state_dict": {**tiny["state_dict"], "norm.weight": torch.ones(3)}}, tiny["checkpoint"])
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "wrong shape 1: norm.weight (3,) instead of (64,)")
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("container", ["torch_save", "raw_pickle"])
+def test_refuses_pickle_that_runs_code(container, tiny, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    payload = {"hook": RunsCode(marker), "state_dict": tiny["state_dict"]}
+    if container == "torch_save":
+        torch.save(payload, tiny["checkpoint"])
+    else:
+        tiny["checkpoint"].write_bytes(pickle.dumps(payload, protocol=2))
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "refusing to load", "system")
+    assert not marker.exists()
+
+
+def test_cli_refuses_pickle_that_runs_code_without_traceback(tiny, tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"hook": RunsCode(marker), "state_dict": tiny["state_dict"]}, tiny["checkpoint"])
+    result = subprocess.run([sys.executable, str(ROOT / "convert_checkpoint.py"), *map(str, tiny["argv"]())],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: refusing to load"), result.stderr
+    assert not marker.exists() and not any(tiny["out"].iterdir())
+
+
+def test_refuses_unknown_variant(tmp_path, capsys):
+    status, out, err = run(["--variant", "MambaVision-T-1k", "--output-dir", tmp_path / "model"], capsys)
+    assert_refused(status, err, tmp_path, [], "unknown variant 'MambaVision-T-1k'", "MambaVision-T-1K")
+
+
+def test_refuses_missing_file(tiny, capsys):
+    assert_refused(*run(tiny["argv"](tiny["out"] / "nowhere.pth.tar"), capsys)[::2], tiny["out"], [], "not found")
+
+
+def test_refuses_non_empty_output_dir_unless_overwrite(tiny, capsys):
+    existing = tiny["out"] / "model"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], ["model"], "not empty", "--overwrite")
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--overwrite"), capsys)
+    assert status == 0, err
+    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
+    assert sorted(p.name for p in tiny["out"].iterdir()) == ["model"]
+
+
+def test_refuses_unknown_config_field(tiny, capsys):
+    tiny["config"].write_text(json.dumps({**TINY_ARCHITECTURE, "depth": [1, 1, 1, 1]}))
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "unknown field(s)", "depth")
+
+
+def test_usage_errors_are_one_line(tiny, capsys):
+    status, out, err = run(["--config", tiny["config"], "--output-dir", tiny["out"] / "model"], capsys)
+    assert_refused(status, err, tiny["out"], [], "--config needs --checkpoint")
+    assert status == 2
+    status, out, err = run(["--variant", "MambaVision-T-1K", "--all", "--output-dir", tiny["out"]], capsys)
+    assert_refused(status, err, tiny["out"], [], "not allowed with argument")
+    status, out, err = run(["--output-dir", tiny["out"]], capsys)
+    assert_refused(status, err, tiny["out"], [], "one of --variant, --config, --all or --list-variants is required")
+    assert status == 2
+
+
+def test_failed_write_leaves_nothing(tiny, monkeypatch, capsys):
+    def fail_midway(model, folder, max_shard_size):
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_checkpoint, "save_model_folder", fail_midway)
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "No space left on device")
+
+
+def test_verify_catches_a_folder_that_does_not_reproduce(tiny, monkeypatch, capsys):
+    save = convert_checkpoint.save_model_folder
+
+    def save_then_corrupt(model, folder, max_shard_size):
+        save(model, folder, max_shard_size)
+        weights = load_file(folder / "model.safetensors")
+        weights["model.head.bias"] = weights["model.head.bias"] + 1.0
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(convert_checkpoint, "save_model_folder", save_then_corrupt)
+    assert_refused(*run(tiny["argv"](tiny["checkpoint"], "--verify"), capsys)[::2], tiny["out"], [],
+                   "verification failed: logits")
+
+
+# --- download, --all, listing ---------------------------------------------------------------------------------
+
+
+def tiny_variants(tmp_path):
+    """Two small table entries with original-format files in ``tmp_path / "originals"``."""
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    entries = {}
+    for i, (name, layer_scale) in enumerate((("Tiny-A", None), ("Tiny-B", 0.5))):
+        architecture = {**TINY_ARCHITECTURE, "layer_scale": layer_scale, "num_labels": 3}
+        variant = Variant(name, f"someone/{name}", f"{name.lower()}.pth.tar", architecture, imagenet_labels=False)
+        config = convert_checkpoint.build_config(variant)
+        torch.save({"state_dict": random_original_state_dict(config, seed=i)}, originals / variant.checkpoint)
+        entries[name] = variant
+    return entries, originals
+
+
+def test_downloads_the_original_file_when_no_checkpoint_given(tmp_path, monkeypatch, capsys):
+    entries, originals = tiny_variants(tmp_path)
+    calls = []
+
+    def fake_download(repo_id, filename):
+        calls.append((repo_id, filename))
+        return str(originals / filename)
+
+    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    monkeypatch.setattr(convert_checkpoint, "hf_hub_download", fake_download)
+    status, out, err = run(["--variant", "Tiny-B", "--output-dir", tmp_path / "out"], capsys)
+    assert status == 0, err
+    assert calls == [("someone/Tiny-B", "tiny-b.pth.tar")]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    def offline(repo_id, filename):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
+                                      "find the requested files in the local cache.\nCheck your connection.")
+
+    monkeypatch.setattr(convert_checkpoint, "hf_hub_download", offline)
+    status, out, err = run(["--variant", "MambaVision-T-1K", "--output-dir", tmp_path / "out"], capsys)
+    assert_refused(status, err, tmp_path, [], "could not download mambavision_tiny_1k.pth.tar",
+                   "nvidia/MambaVision-T-1K", "--checkpoint")
+
+
+def test_all_converts_every_entry(tmp_path, monkeypatch, capsys):
+    entries, originals = tiny_variants(tmp_path)
+    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
+    assert status == 0, err
+    assert "[1/2] Tiny-A" in out and "[2/2] Tiny-B" in out
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["Tiny-A", "Tiny-B"]
+    for name, variant in entries.items():
+        source = torch.load(originals / variant.checkpoint, weights_only=True)["state_dict"]
+        written = load_file(tmp_path / "hub" / name / "model.safetensors")
+        assert all(torch.equal(written[f"model.{k}"], v) for k, v in source.items())
+        assert ModelCard.load(tmp_path / "hub" / name / "README.md").data.model_name == name
+
+
+def test_all_checks_every_file_before_converting(tmp_path, monkeypatch, capsys):
+    entries, originals = tiny_variants(tmp_path)
+    (originals / "tiny-b.pth.tar").unlink()
+    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    (tmp_path / "hub").mkdir()
+    status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
+    assert_refused(status, err, tmp_path / "hub", [], "tiny-b.pth.tar")
+
+
+def test_all_names_the_variant_that_fails(tmp_path, monkeypatch, capsys):
+    entries, originals = tiny_variants(tmp_path)
+    (originals / "tiny-b.pth.tar").write_bytes((originals / "tiny-a.pth.tar").read_bytes())  # lacks the gammas
+    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    (tmp_path / "hub").mkdir()
+    status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
+    assert_refused(status, err, tmp_path / "hub", ["Tiny-A"], "Tiny-B: the checkpoint does not fit Tiny-B", "missing")
+
+
+def test_list_variants(capsys):
+    status, out, err = run(["--list-variants"], capsys)
+    assert status == 0
+    assert [line.split()[0] for line in out.splitlines()] == list(VARIANTS)
+    assert len(VARIANTS) == 11
+
+
+# --- model card ----------------------------------------------------------------------------------------------
+
+
+def _render(variant, repo_id):
+    config = convert_checkpoint.build_config(variant)
+    with torch.device("meta"):
+        model = modeling.MambaVisionModelForImageClassification(config)
+    return ModelCard(str(convert_checkpoint.render_model_card(variant, model, repo_id))), model
+
+
+@pytest.mark.parametrize("name", ["MambaVision-T-1K", "MambaVision-L3-512-21K"])
+def test_card_metadata_parses_back(name):
+    variant = VARIANTS[name]
+    card, model = _render(variant, "someone/converted")
+    front_matter = yaml.safe_load(str(card).split("---")[1])
+    assert front_matter == card.data.to_dict()
+    data = card.data
+    assert (data.license, data.license_name, data.license_link) == ("other", "nvclv1", variant.license["license_link"])
+    assert (data.pipeline_tag, data.library_name) == ("image-classification", "transformers")
+    assert data.datasets == list(variant.datasets) and "mambavision" in data.tags
+    metrics = {result.metric_type: result.metric_value for result in data.eval_results}
+    assert metrics == {"accuracy": variant.results["top1"], "top_5_accuracy": variant.results["top5"]}
+    assert all(r.dataset_type == "ILSVRC/imagenet-1k" and r.dataset_split == "validation" for r in data.eval_results)
+    assert card.text.count('from_pretrained("someone/converted"') == 2
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card.text
+    for number in (variant.results["top1"], variant.results["flops_g"], variant.results["params_m"]):
+        assert f"| {number} |" in card.text
+    assert variant.license["license_link"] in card.text
+
+
+def test_card_takes_license_and_description_from_the_entry():
+    variant = Variant("Our-Demo", "us/Our-Demo", None, dict(TINY_ARCHITECTURE, num_labels=3), imagenet_labels=False,
+                      datasets=("us/flowers",), description="A demo trained by us on flowers.",
+                      license={"license": "apache-2.0", "title": "Apache License 2.0", "terms": "Use it freely."})
+    card, _ = _render(variant, "us/Our-Demo")
+    assert card.data.license == "apache-2.0" and card.data.license_name is None and card.data.eval_results is None
+    assert "model-index" not in str(card)
+    assert "A demo trained by us on flowers." in card.text and "Apache License 2.0. Use it freely." in card.text
+    assert "NVIDIA Source Code License" not in card.text
+
+
+# --- publishing ----------------------------------------------------------------------------------------------
+
+
+class FakeHfApi:
+    """Records what the converter asks of huggingface_hub; the folder's files are listed at upload time."""
+
+    calls = []
+    fail = None
+
+    def __init__(self, token=None):
+        self.calls.append(("HfApi", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs):
+        if self.fail:
+            raise self.fail
+        files = sorted(p.relative_to(kwargs["folder_path"]).as_posix()
+                       for p in kwargs["folder_path"].rglob("*") if p.is_file())
+        self.calls.append(("upload_folder", {**kwargs, "files": files}))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    monkeypatch.setattr(FakeHfApi, "calls", [])
+    monkeypatch.setattr(convert_checkpoint, "HfApi", FakeHfApi)
+    return FakeHfApi
+
+
+def test_push_creates_repo_and_uploads_the_folder(tiny, fake_hub, capsys):
+    folder = tiny["out"] / "model"
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--push-to-hub", "someone/tiny-mv", "--private",
+                                        "--token", "hf_secret", "--commit-message", "Add tiny", "--revision", "v1"), capsys)
+    assert status == 0, err
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {"config.json", "model.safetensors", "README.md", *mambavision_code.MODEL_FILES} <= set(files)
+    assert fake_hub.calls == [
+        ("HfApi", {"token": "hf_secret"}),
+        ("create_repo", {"repo_id": "someone/tiny-mv", "repo_type": "model", "private": True, "exist_ok": True}),
+        ("create_branch", {"repo_id": "someone/tiny-mv", "repo_type": "model", "branch": "v1", "exist_ok": True}),
+        ("upload_folder", {"repo_id": "someone/tiny-mv", "repo_type": "model", "folder_path": folder,
+                           "commit_message": "Add tiny", "revision": "v1", "files": files}),
+    ]
+    assert 'from_pretrained("someone/tiny-mv"' in (folder / "README.md").read_text()
+
+
+def test_push_defaults(tiny, fake_hub, capsys):
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--push-to-hub", "someone/tiny-mv"), capsys)
+    assert status == 0, err
+    (_, api), (_, create), (_, upload) = fake_hub.calls
+    assert api == {"token": None} and create["private"] is False
+    assert upload["revision"] is None and upload["commit_message"] == "Upload tiny-mv (converted from original.pth.tar)"
+
+
+def test_push_failure_is_one_line(tiny, fake_hub, monkeypatch, capsys):
+    error = HfHubHTTPError("401 Client Error: Unauthorized for url", response=mock.Mock())
+    monkeypatch.setattr(FakeHfApi, "fail", error)
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--push-to-hub", "someone/tiny-mv"), capsys)
+    assert status == 1 and err == "error: could not push to someone/tiny-mv: 401 Client Error: Unauthorized for url\n"
+    assert (tiny["out"] / "model" / "model.safetensors").is_file()  # the converted folder stays
+
+
+def test_dry_run_lists_files_and_calls_nothing(tiny, fake_hub, capsys):
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--push-to-hub", "someone/tiny-mv", "--dry-run",
+                                        "--private"), capsys)
+    assert status == 0, err
+    assert fake_hub.calls == []
+    folder = tiny["out"] / "model"
+    dry = out[out.index("dry run"):].splitlines()
+    assert "private model repo someone/tiny-mv" in dry[0] and "'Upload tiny-mv (converted" in dry[0]
+    listed = [line.split()[0] for line in dry[1:]]
+    assert listed == sorted(p.name for p in folder.iterdir())
+
+
+def test_push_publishes_an_existing_folder(tiny, fake_hub, capsys):
+    folder = tiny["out"] / "model"
+    assert run(tiny["argv"](), capsys)[0] == 0
+    status, out, err = run(["--output-dir", folder, "--push-to-hub", "someone/tiny-mv"], capsys)
+    assert status == 0, err
+    (_, upload), = [call for call in fake_hub.calls if call[0] == "upload_folder"]
+    assert upload["folder_path"] == folder and upload["commit_message"] == "Upload model"
+    status, out, err = run(["--output-dir", tiny["out"] / "nothing", "--push-to-hub", "someone/tiny-mv"], capsys)
+    assert_refused(status, err, tiny["out"], ["model"], "holds no converted model")
+
+
+def test_all_pushes_each_variant_under_the_owner(tmp_path, monkeypatch, fake_hub, capsys):
+    entries, originals = tiny_variants(tmp_path)
+    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub",
+                            "--push-to-hub", "someone"], capsys)
+    assert status == 0, err
+    uploads = [kwargs for call, kwargs in fake_hub.calls if call == "upload_folder"]
+    assert [(u["repo_id"], u["folder_path"].name) for u in uploads] == [("someone/Tiny-A", "Tiny-A"),
+                                                                        ("someone/Tiny-B", "Tiny-B")]
+
+
+def test_readme_documents_the_workflow():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Convert and publish"):]
+    for usage in ("--variant MambaVision-T-1K", "--all", "--verify", "--push-to-hub", "--dry-run", "--list-variants"):
+        assert usage in section, usage
