@@ -238,7 +238,7 @@ def read_checkpoint(path):
 
 def _unwrap(checkpoint):
     while isinstance(checkpoint, dict):
-        inner = next((checkpoint[key] for key in ("state_dict", "model") if isinstance(checkpoint.get(key), dict)), None)
+        inner = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), None)
         if inner is None:
             break
         checkpoint = inner
@@ -250,13 +250,19 @@ def _unwrap(checkpoint):
 
 
 def check_state_dict(expected, state_dict, what):
-    """Raise naming every missing, unexpected and mis-shaped tensor (``expected``: name -> shape)."""
+    """Raise naming every missing, unexpected, mis-shaped and non-float tensor (``expected``: name -> tensor).
+
+    Names are reported as in the original checkpoint (without the ``model.`` prefix).
+    """
+    common = sorted(set(expected) & set(state_dict))
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = [f"{key.removeprefix('model.')} {tuple(state_dict[key].shape)} instead of {tuple(expected[key])}"
-                  for key in sorted(set(expected) & set(state_dict)) if tuple(state_dict[key].shape) != tuple(expected[key])]
+    mis_shaped = [f"{key.removeprefix('model.')} {tuple(state_dict[key].shape)} instead of {tuple(expected[key].shape)}"
+                  for key in common if state_dict[key].shape != expected[key].shape]
+    not_float = [key for key in common if expected[key].is_floating_point() and not state_dict[key].is_floating_point()]
+    listed = (("missing", missing), ("unexpected", unexpected), ("not floating point", not_float))
     problems = [f"{label} {len(names)}: {_listing(key.removeprefix('model.') for key in names)}"
-                for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+                for label, names in listed if names]
     if mis_shaped:
         problems.append(f"wrong shape {len(mis_shaped)}: {_listing(mis_shaped)}")
     if problems:
@@ -268,10 +274,9 @@ def build_model(config, original_state_dict, what):
     modeling = mambavision_code.load("modeling_mambavision")
     with torch.device("meta"):  # no memory for weights that the checkpoint replaces
         model = modeling.MambaVisionModelForImageClassification(config)
-    expected = {key: tensor.shape for key, tensor in model.state_dict().items()}
     state_dict = convert_state_dict(original_state_dict)
     progress(f"checking {len(state_dict)} tensors against {what}")
-    check_state_dict(expected, state_dict, what)
+    check_state_dict(model.state_dict(), state_dict, what)
     state_dict = {key: tensor.float() if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
@@ -287,28 +292,30 @@ def _stage_shapes(config):
 
 
 def render_model_card(variant, model, repo_id, image_processor=False):
-    """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the template.
-
-    ``image_processor``: whether the folder has a ``preprocessor_config.json`` for the usage snippet to load.
+    """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the
+    template. ``image_processor``: whether the folder has a ``preprocessor_config.json`` for the snippet to load.
     """
     config, results, license_ = model.config, variant.results, variant.license
     eval_results = None
     if results:
-        common = dict(task_type="image-classification", task_name="Image Classification", dataset_type="ILSVRC/imagenet-1k",
-                      dataset_name="ImageNet-1K", dataset_split="validation", source_name=RESULTS_SOURCE["name"],
-                      source_url=RESULTS_SOURCE["url"])
-        eval_results = [EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=results["top1"], **common),
-                        EvalResult(metric_type="top_5_accuracy", metric_name="Top-5 accuracy", metric_value=results["top5"],
-                                   **common)]
+        common = dict(task_type="image-classification", task_name="Image Classification",
+                      dataset_type="ILSVRC/imagenet-1k", dataset_name="ImageNet-1K", dataset_split="validation",
+                      source_name=RESULTS_SOURCE["name"], source_url=RESULTS_SOURCE["url"])
+        eval_results = [
+            EvalResult(metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=results["top1"], **common),
+            EvalResult(metric_type="top_5_accuracy", metric_name="Top-5 accuracy", metric_value=results["top5"],
+                       **common),
+        ]
     card_data = ModelCardData(
-        license=license_["license"], license_name=license_.get("license_name"), license_link=license_.get("license_link"),
-        library_name="transformers", pipeline_tag="image-classification", tags=CARD_TAGS,
-        datasets=list(variant.datasets) or None, model_name=variant.name, eval_results=eval_results,
+        license=license_["license"], license_name=license_.get("license_name"),
+        license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="image-classification",
+        tags=CARD_TAGS, datasets=list(variant.datasets) or None, model_name=variant.name, eval_results=eval_results,
     )
     return ModelCard.from_template(
         card_data, template_path=str(CARD_TEMPLATE), name=variant.name, description=variant.description,
         repo_id=repo_id, checkpoint=variant.checkpoint,
-        checkpoint_url=variant.checkpoint_url if variant.checkpoint else None, num_parameters=sum(p.numel() for p in model.parameters()),
+        checkpoint_url=variant.checkpoint_url if variant.checkpoint else None,
+        num_parameters=sum(p.numel() for p in model.parameters()),
         hidden_sizes=config.hidden_sizes, depths=config.depths, window_size=config.window_size,
         num_labels=config.num_labels, stage_shapes=_stage_shapes(config), results=results,
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
@@ -328,17 +335,23 @@ def check_output_dir(output_dir, overwrite):
 @contextmanager
 def staged_folder(output_dir, overwrite=False):
     """Yield an empty folder beside ``output_dir`` that replaces it on success; on failure nothing is left."""
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    replaced = staging / "replaced"
     try:
         folder = staging / output_dir.name  # the final name, so that remote code caches under it
         folder.mkdir()
         yield folder
         if output_dir.exists():
-            output_dir.rename(staging / "replaced")
-        folder.rename(output_dir)
+            output_dir.rename(replaced)
+        try:
+            folder.rename(output_dir)
+        except OSError:
+            if replaced.exists():
+                replaced.rename(output_dir)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -374,7 +387,7 @@ def convert(variant, checkpoint, output_dir, *, repo_id=None, overwrite=False, m
     config = build_config(variant)
     model = build_model(config, read_checkpoint(checkpoint), variant.name)
     with staged_folder(output_dir, overwrite) as folder:
-        progress(f"writing {folder.name}: config, safetensors weights (shards up to {max_shard_size}), code, model card")
+        progress(f"writing {folder.name}: config, weights (safetensors shards up to {max_shard_size}), code, card")
         save_model_folder(model, folder, max_shard_size=max_shard_size)
         card = render_model_card(variant, model, repo_id or variant.repo_id,
                                  image_processor=(folder / IMAGE_PROCESSOR_NAME).is_file())
@@ -468,7 +481,8 @@ def _check_arguments(args):
 
 def _commit_message(push, variant, checkpoint):
     """The push options, with a commit message that names the source file unless one was given."""
-    return {**push, "commit_message": push["commit_message"] or f"Upload {variant.name} (converted from {Path(checkpoint).name})"}
+    message = push["commit_message"] or f"Upload {variant.name} (converted from {Path(checkpoint).name})"
+    return {**push, "commit_message": message}
 
 
 def _run(args):
@@ -509,7 +523,10 @@ def _run(args):
         progress(f"[{index}/{len(jobs)}] {variant.name}")
         repo_id = f"{args.push_to_hub}/{variant.name}" if args.push_to_hub else None
         try:
-            checkpoint = Path(args.checkpoint_dir) / variant.checkpoint if args.checkpoint_dir else fetch_checkpoint(variant)
+            if args.checkpoint_dir:
+                checkpoint = Path(args.checkpoint_dir) / variant.checkpoint
+            else:
+                checkpoint = fetch_checkpoint(variant)
             convert(variant, checkpoint, folder, repo_id=repo_id, **options)
             if repo_id:
                 push_to_hub(folder, repo_id, **_commit_message(push, variant, checkpoint))

@@ -92,7 +92,8 @@ LARGE3_256 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 16, 8
 LARGE3_512 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 32, 16], 0.5, 1e-5)
 
 IN1K = "Trained from scratch on ImageNet-1K at 224x224."
-IN21K = "Pretrained on ImageNet-21K, then fine-tuned on ImageNet-1K at {size}x{size}; it predicts the 1,000 ImageNet-1K classes."
+IN21K = ("Pretrained on ImageNet-21K, then fine-tuned on ImageNet-1K at {size}x{size}; it predicts the 1,000 "
+         "ImageNet-1K classes.")
 
 
 def _results(top1, top5, params_m, flops_g, throughput=None):

@@ -254,6 +254,12 @@ def test_refuses_wrong_shape(tiny, capsys):
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "wrong shape 1: norm.weight (3,) instead of (64,)")
 
 
+def test_refuses_integer_weights(tiny, capsys):
+    torch.save({"state_dict": {**tiny["state_dict"], "norm.weight": torch.ones(64, dtype=torch.int64)}},
+               tiny["checkpoint"])
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "not floating point 1: norm.weight")
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
