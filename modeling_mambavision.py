@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention
@@ -335,6 +336,25 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MambaVisionBlock) and module.gamma_1 is not None:
             init.constant_(module.gamma_1, self.config.layer_scale)
             init.constant_(module.gamma_2, self.config.layer_scale)
+
+    @torch.no_grad()
+    def fold_batchnorm(self):
+        """Fold each BatchNorm that follows a convolution (stem, conv blocks) into that convolution.
+
+        For inference only: the folded model computes the same function up to rounding with fewer kernels,
+        but its BatchNorms are gone (so are their keys in ``state_dict``) and it should not be trained or
+        saved as a checkpoint. Returns the model.
+        """
+        if self.training:
+            raise RuntimeError("fold_batchnorm() needs an eval-mode model: call model.eval() first")
+        stem = self.model.patch_embed.conv_down
+        for conv, norm in ((0, 1), (3, 4)):
+            stem[conv], stem[norm] = fuse_conv_bn_eval(stem[conv], stem[norm]), nn.Identity()
+        for block in self.modules():
+            if isinstance(block, MambaVisionConvBlock):
+                block.conv1, block.norm1 = fuse_conv_bn_eval(block.conv1, block.norm1), nn.Identity()
+                block.conv2, block.norm2 = fuse_conv_bn_eval(block.conv2, block.norm2), nn.Identity()
+        return self
 
     def _check_pixel_values(self, pixel_values):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:

@@ -32,9 +32,16 @@ def selective_scan_ref(
     """Pure-PyTorch selective scan in float32: the reference every other backend is tested against.
 
     The element-wise work is vectorised over (batch, dim, d_state) and laid out time-major, so the
-    sequential part is one fused multiply-add per step on a contiguous slice.
+    sequential part is one fused multiply-add per step on a contiguous slice. Autocast is off inside:
+    the scan stays float32 under mixed precision, as mamba-ssm's kernel does.
     """
-    dtype_in = u.dtype
+    with torch.autocast(u.device.type, enabled=False):
+        y, state = _scan_float32(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    y = y.to(u.dtype)
+    return (y, state) if return_last_state else y
+
+
+def _scan_float32(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
@@ -53,8 +60,7 @@ def selective_scan_ref(
         y = y + u * D.float()[:, None]
     if z is not None:
         y = y * F.silu(z.float())
-    y = y.to(dtype_in)
-    return (y, state) if return_last_state else y
+    return y, state
 
 
 def _triton_scan():
@@ -92,11 +98,12 @@ def _works_on(name, scan, device):
                     torch.randn(b, n, length, generator=gen), torch.randn(d, generator=gen)]
             bias = torch.randn(d, generator=gen)
             args = [t.to(device) for t in args]
-            got = scan(*args, delta_bias=bias.to(device), delta_softplus=True)
-            want = selective_scan_ref(*args, delta_bias=bias.to(device), delta_softplus=True)
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                got = scan(*args, delta_bias=bias.to(device), delta_softplus=True)
+                want = selective_scan_ref(*args, delta_bias=bias.to(device), delta_softplus=True)
             _verified[key] = bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3))
         except Exception as error:  # noqa: BLE001 - a kernel that raises does not work
-            logger.debug("%s scan failed its self-check on %s: %s", name, device, error)
+            _warn_once(f"MambaVision: the {name} selective scan failed its self-check on {device}: {error}")
             _verified[key] = False
     return _verified[key]
 

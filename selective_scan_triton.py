@@ -209,8 +209,7 @@ def _register_ops():
 
     @_scan_bwd.register_fake
     def _(u, delta, A, B, C, D, delta_bias, states, dy):
-        return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-                torch.empty_like(C), torch.empty_like(D), torch.empty_like(delta_bias)]
+        return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias)]  # contiguous, as computed
 
     def _setup_context(ctx, inputs, output):
         u, delta, A, B, C, D, delta_bias, _ = inputs
