@@ -67,6 +67,18 @@ def time_cpu(step, warmup, iters):
     return statistics.median(times)
 
 
+def print_profile(step, title, steps=5, rows=25):
+    """The CUDA kernels that take the time, summed over a few steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n== profile: {title} ({steps} steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
     os.environ[scan.ENV_BACKEND] = backend
     model, size = build(variant, fold=args.fold and mode != "train")
@@ -93,6 +105,8 @@ def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
                 forward(pixels)
     step()  # compile and autotune outside the timed region
     torch.cuda.synchronize()
+    if args.profile:
+        print_profile(step, f"{variant} {mode} {dtype_name} {backend} {compile_mode}")
     torch.cuda.reset_peak_memory_stats()
     ms = time_cuda(step, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -172,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--cpu-warmup", type=int, default=3)
     parser.add_argument("--cpu-iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda":
