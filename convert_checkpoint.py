@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from timm.data import ImageNetInfo
 from transformers import AutoModelForImageClassification
 from transformers.utils import IMAGE_PROCESSOR_NAME
+from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils import logging as transformers_logging
 
 import mambavision_code
@@ -95,7 +96,8 @@ def save_model_folder(model, folder, max_shard_size="2GB"):
 
 CARD_TEMPLATE = mambavision_code.ROOT / "model_cards" / "mambavision.md"
 CARD_TAGS = ["vision", "image-classification", "image-feature-extraction", "mambavision", "mamba"]
-PREPROCESSING_FIELDS = ("image_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+PREPROCESSING_FIELDS = {"image_size": int, "crop_pct": (int, float), "crop_mode": str, "interpolation": str,
+                        "mean": list, "std": list}
 # what --config accepts: MambaVisionConfig's own arguments and the label fields
 CONFIG_FIELDS = set(inspect.signature(MambaVisionConfig.__init__).parameters) - {"self", "kwargs"}
 CONFIG_FIELDS |= {"num_labels", "id2label", "label2id"}
@@ -152,6 +154,10 @@ def variant_from_config_file(path, name):
     if unknown:
         raise ConversionError(f"unknown field(s) in the config {path}: {_listing(unknown)}")
     preprocessing = {key: fields.pop(key) for key in PREPROCESSING_FIELDS if key in fields}
+    wrong = [key for key, value in preprocessing.items() if not isinstance(value, PREPROCESSING_FIELDS[key])
+             or isinstance(value, bool) or (key == "image_size" and value <= 0)]
+    if wrong:
+        raise ConversionError(f"invalid value of {_listing(wrong)} in the config {path}")
     # a 1000-class head without names of its own is an ImageNet-1k classifier
     imagenet_labels = "id2label" not in fields and fields.get("num_labels", 1000) == 1000
     if imagenet_labels:
@@ -426,7 +432,7 @@ def push_to_hub(folder, repo_id, *, private=False, token=None, commit_message=No
 
 
 def _parser():
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group()  # none: --push-to-hub publishes an existing --output-dir
     what.add_argument("--variant", help="Hub name of a published variant, e.g. MambaVision-T-1K")
     what.add_argument("--config", help="JSON of config fields for a custom architecture (needs --checkpoint)")
@@ -436,7 +442,8 @@ def _parser():
     parser.add_argument("--checkpoint-dir", help="with --all: folder holding the original files (default: download)")
     parser.add_argument("--output-dir", help="folder to create (with --all: parent of one folder per variant)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--max-shard-size", default="2GB", help="split weights above this size (default: 2GB)")
+    parser.add_argument("--max-shard-size", default="2GB", type=_shard_size,
+                        help="split weights above this size, e.g. 500MB (default: 2GB)")
     parser.add_argument("--verify", action="store_true",
                         help="reload the folder with trust_remote_code and compare outputs (tolerance 1e-5)")
     hub = parser.add_argument_group("publishing")
@@ -448,6 +455,17 @@ def _parser():
     hub.add_argument("--revision", help="branch to upload to (created if missing)")
     hub.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     return parser
+
+
+def _shard_size(value):
+    """Validate a size such as ``2GB`` now, rather than after the checkpoint is read."""
+    try:
+        valid = convert_file_size_to_int(value) > 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}: an integer and a unit, e.g. 500MB or 2GB")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):

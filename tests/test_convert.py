@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -167,6 +168,7 @@ def test_variant_converts_end_to_end(name, tmp_path, capsys):
     status, out, err = run(["--variant", name, "--checkpoint", checkpoint, "--output-dir", folder, *extra], capsys)
     checkpoint.unlink()
     assert status == 0, err
+    assert "verified: outputs at" in out
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["MambaVisionModelForImageClassification"]
     assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(config["auto_map"])
@@ -191,6 +193,7 @@ def test_variant_converts_end_to_end(name, tmp_path, capsys):
     assert card.data.model_name == name and f'AutoModel.from_pretrained("{variant.repo_id}"' in card.text
     if (folder / "preprocessor_config.json").is_file():  # the snippet preprocesses with the saved processor
         assert f'AutoImageProcessor.from_pretrained("{variant.repo_id}"' in card.text
+    shutil.rmtree(folder)  # up to 1 GB; pytest keeps the last runs' folders
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -322,6 +325,8 @@ def test_usage_errors_are_one_line(tiny, capsys):
     assert status == 2
     status, out, err = run(["--variant", "MambaVision-T-1K", "--all", "--output-dir", tiny["out"]], capsys)
     assert_refused(status, err, tiny["out"], [], "not allowed with argument")
+    status, out, err = run([*tiny["argv"](), "--max-shard-size", "1.5GB"], capsys)
+    assert_refused(status, err, tiny["out"], [], "invalid size '1.5GB'")
     status, out, err = run(["--output-dir", tiny["out"]], capsys)
     assert_refused(status, err, tiny["out"], [], "one of --variant, --config, --all or --list-variants is required")
     assert status == 2
