@@ -117,6 +117,14 @@ def test_fixture_converts_and_reproduces_original_outputs(name, tmp_path, capsys
 
 
 @needs_shared
+def test_variant_table_has_every_published_url():
+    reference = json.loads((REFERENCE / "variants.json").read_text())
+    urls = sorted(spec["pretrained_cfg"]["url"] for spec in reference.values())
+    assert sorted(variant.checkpoint_url for variant in VARIANTS.values()) == urls
+    assert all(variant.repo_id == f"nvidia/{name}" for name, variant in VARIANTS.items())  # keyed by Hub name
+
+
+@needs_shared
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_table_matches_reference(name):
     variant = VARIANTS[name]
