@@ -36,7 +36,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils import logging as transformers_logging
 
 import mambavision_code
-from variants import RESULTS_SOURCE, VARIANTS, Variant
+from variants import PROJECT_VARIANTS, RESULTS_SOURCE, VARIANTS, Variant
 
 MambaVisionConfig = mambavision_code.load("configuration_mambavision").MambaVisionConfig
 
@@ -132,10 +132,11 @@ def _first_line(error):
 
 
 def get_variant(name):
-    """The table entry for a Hub name, or an error that suggests the closest names."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
+    """The table entry for a Hub name (NVIDIA's or one trained here), or an error that suggests the closest names."""
+    known = {**VARIANTS, **PROJECT_VARIANTS}
+    if name in known:
+        return known[name]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise ConversionError(f"unknown variant {name!r}{hint}; --list-variants shows the {len(VARIANTS)} variants")
 

@@ -36,7 +36,8 @@ class Variant:
         name: the Hub model name (``MambaVision-T-1K``), also the card's title.
         repo_id: the Hub repository that publishes it (and holds the original ``checkpoint``).
         checkpoint: file name of the original checkpoint in ``repo_id``, or ``None`` for a custom entry.
-        architecture: ``MambaVisionConfig`` architecture fields.
+        architecture: ``MambaVisionConfig`` architecture fields (and ``id2label``/``label2id`` for a head with
+            classes of its own).
         image_size, crop_pct, crop_mode, interpolation, mean, std: the pretrained eval preprocessing.
         imagenet_labels: whether the head predicts the ImageNet-1k classes (names from timm).
         datasets: Hub dataset ids it was trained on (pretraining first).
@@ -138,5 +139,29 @@ VARIANTS = {
                 description=f"The largest MambaVision (740M parameters), with larger windows for high resolution. "
                             f"{IN21K.format(size=512)}",
                 results=_results(88.1, 98.6, 739.6, 489.1)),
+    )
+}
+
+
+# Models this project trains (weights in checkpoints/): converted with --variant like NVIDIA's, not part of --all.
+DIGIT_LABELS = [str(digit) for digit in range(10)]
+DIGITS = {**_architecture(16, 16, [1, 1, 2, 2], [1, 1, 2, 4], [8, 8, 4, 2], 0.0),
+          "id2label": dict(enumerate(DIGIT_LABELS)), "label2id": {label: i for i, label in enumerate(DIGIT_LABELS)}}
+PROJECT_LICENSE = {
+    "license": "apache-2.0",
+    "license_link": "https://www.apache.org/licenses/LICENSE-2.0",
+    "title": "Apache License 2.0",
+    "terms": "These weights were trained from scratch by this project (train_digits.py); no NVIDIA weights are involved.",
+}
+
+PROJECT_VARIANTS = {
+    variant.name: variant
+    for variant in (
+        # 64x64 inputs leave 4x4 tokens at level 2 and 2x2 at level 3: one window each
+        Variant("MambaVision-Digits", "MambaVision-Digits", None, DIGITS, image_size=64, mean=(0.3093,) * 3,
+                std=(0.3490,) * 3, imagenet_labels=False, datasets=(), license=PROJECT_LICENSE,
+                description="A tiny MambaVision trained from scratch on scikit-learn's handwritten digits (8x8 "
+                            "grayscale scans of the digits 0-9, upscaled to 64x64 by the image processor), so that "
+                            "the whole path from an original checkpoint to a pipeline runs offline."),
     )
 }
