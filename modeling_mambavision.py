@@ -142,11 +142,22 @@ class MambaVisionMixer(nn.Module):
         self.conv1d_x = nn.Conv1d(self.half, self.half, **conv)
         self.conv1d_z = nn.Conv1d(self.half, self.half, **conv)
 
+    @staticmethod
+    def _depthwise(conv, x):
+        """The depthwise 'same' conv along L. Compiled, it is written as a sum of shifted taps, which the
+        compiler fuses with its neighbours into one element-wise kernel; eager keeps the conv kernel."""
+        if not torch.compiler.is_compiling():
+            return conv(x)
+        width = conv.kernel_size[0]
+        padded = F.pad(x, ((width - 1) // 2, width // 2))
+        weight = conv.weight[:, 0, :, None]  # (C, width, 1)
+        return sum(padded[..., tap : tap + x.shape[-1]] * weight[:, tap] for tap in range(width))
+
     def forward(self, hidden_states):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, L, C) -> (B, C, L)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d_x(x))
-        z = F.silu(self.conv1d_z(z))
+        x = F.silu(self._depthwise(self.conv1d_x, x))
+        z = F.silu(self._depthwise(self.conv1d_z, z))
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt).transpose(1, 2)  # (B, L, C/2) -> (B, C/2, L)
         y = selective_scan(

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 16
-BLOCK_D = 16
+# (channels per program, chunk length, warps): inference needs no saved states and takes its own shape
+INFER_CONFIG = (16, 16, 4)
+TRAIN_CONFIG = (16, 16, 4)  # the backward pass reads states saved at this chunk length
 
 
 @triton.jit
@@ -153,8 +154,8 @@ def _scan_bwd_kernel(
     tl.store(dbias_ptr + pid_b * dim + offs_d, dbias, mask=mask_d)
 
 
-def _grid(batch, dim):
-    return (batch, triton.cdiv(dim, BLOCK_D))
+def _grid(batch, dim, block):
+    return (batch, triton.cdiv(dim, block))
 
 
 def _on_device(tensor):
@@ -172,19 +173,20 @@ def _register_ops():
                   D: torch.Tensor, delta_bias: torch.Tensor, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         batch, dim, length = u.shape
         n = A.shape[1]
+        block, chunk, warps = TRAIN_CONFIG if save_states else INFER_CONFIG
         y = torch.empty_like(u, memory_format=torch.contiguous_format)
-        chunks = triton.cdiv(length, CHUNK) if save_states else 0
+        chunks = triton.cdiv(length, chunk) if save_states else 0
         states = torch.empty(batch, dim, chunks, n, device=u.device, dtype=torch.float32)
         with _on_device(u):
-            _scan_fwd_kernel[_grid(batch, dim)](
+            _scan_fwd_kernel[_grid(batch, dim, block)](
                 u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states, length, dim,
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *y.stride(),
-                N=n, BLOCK=BLOCK_D, CHUNK_L=CHUNK, SAVE_STATES=save_states)
+                N=n, BLOCK=block, CHUNK_L=chunk, SAVE_STATES=save_states, num_warps=warps)
         return y, states
 
     @_scan_fwd.register_fake
     def _(u, delta, A, B, C, D, delta_bias, save_states):
-        chunks = -(-u.shape[2] // CHUNK) if save_states else 0
+        chunks = -(-u.shape[2] // TRAIN_CONFIG[1]) if save_states else 0
         return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(
             u.shape[0], u.shape[1], chunks, A.shape[1], dtype=torch.float32)
 
@@ -193,7 +195,8 @@ def _register_ops():
                   D: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
         batch, dim, length = u.shape
         n = A.shape[1]
-        grid = _grid(batch, dim)
+        block, chunk, warps = TRAIN_CONFIG
+        grid = _grid(batch, dim, block)
         f32 = dict(device=u.device, dtype=torch.float32)
         du, ddelta = torch.empty(batch, dim, length, **f32), torch.empty(batch, dim, length, **f32)
         dA, dD, dbias = torch.empty(batch, dim, n, **f32), torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
@@ -203,7 +206,7 @@ def _register_ops():
                 u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
                 du, ddelta, dA, dB, dC, dD, dbias, length, dim,
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                N=n, BLOCK=BLOCK_D, CHUNK_L=CHUNK)
+                N=n, BLOCK=block, CHUNK_L=chunk, num_warps=warps)
         return [du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
                 dC.sum(1).to(C.dtype), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype)]
 

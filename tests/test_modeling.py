@@ -206,3 +206,11 @@ def test_fold_batchnorm_keeps_outputs():
     assert_close_relative(logits, expected["logits_200x152"], rel=1e-4, what="folded logits")
     with pytest.raises(RuntimeError, match="eval-mode"):
         modeling.MambaVisionModel(config).train().fold_batchnorm()
+
+
+def test_compiled_depthwise_taps_match_the_conv():
+    """The mixer's compiled form of its depthwise conv (shifted taps) equals the eager conv kernel."""
+    mixer = modeling.MambaVisionModel(tiny_config()).model.levels[2].blocks[0].mixer
+    x = torch.randn(3, mixer.half, 17)
+    taps = torch.compile(lambda v: mixer._depthwise(mixer.conv1d_x, v), fullgraph=True, backend="eager")
+    torch.testing.assert_close(taps(x), mixer.conv1d_x(x), rtol=1e-5, atol=1e-6)

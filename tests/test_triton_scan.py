@@ -138,8 +138,10 @@ def test_training_gradients_match_between_backends(monkeypatch):
         loss = model(expected["input_64x96"].cuda(), labels=torch.tensor([1, 7], device="cuda")).loss
         loss.backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters()}
+    scale = max(g.norm() for g in grads["torch"].values())  # some gradients are ~0 (biases before BatchNorm)
     for name, ref in grads["torch"].items():
-        assert relative_error(grads["triton"][name], ref) < 1e-4, name
+        error = ((grads["triton"][name] - ref).norm() / torch.clamp(ref.norm(), min=1e-3 * scale)).item()
+        assert error < 1e-4, (name, error)
 
 
 @needs_cuda

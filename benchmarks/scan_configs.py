@@ -1,0 +1,73 @@
+"""Time the Triton selective scan over launch configurations at MambaVision's shapes (CUDA).
+
+Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
+inference forward and for forward + backward, so INFER_CONFIG / TRAIN_CONFIG can be chosen from data.
+
+    python benchmarks/scan_configs.py
+"""
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mambavision_code  # noqa: E402
+
+kernels = mambavision_code.load("selective_scan_triton")
+reference = mambavision_code.load("selective_scan").selective_scan_ref
+
+# (sequences, channels, length): MambaVision-T's level-2 and level-3 mixers at batch 256 (inference)
+# and batch 128 (training), and MambaVision-B's level 2 at batch 256
+SHAPES = {"T-l2-b256": (4096, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256": (4096, 256, 196),
+          "T-l2-b128-train": (2048, 160, 196), "T-l3-b128-train": (128, 320, 49)}
+
+
+def inputs(seqs, dim, length, dtype=torch.bfloat16):
+    """Laid out as the mixer produces them: u from the conv (contiguous), delta/B/C transposed views."""
+    u = torch.randn(seqs, dim, length, device="cuda", dtype=dtype)
+    delta = (torch.randn(seqs, length, dim, device="cuda", dtype=dtype) * 0.5).transpose(1, 2)
+    bc = torch.randn(seqs, length, 16, device="cuda", dtype=dtype)
+    B, C = bc[..., :8].transpose(1, 2), bc[..., 8:].transpose(1, 2)
+    A = -torch.exp(torch.randn(dim, 8, device="cuda"))
+    D, bias = torch.randn(dim, device="cuda"), torch.randn(dim, device="cuda") * 0.5
+    return [u, delta, A, B, C, D], bias
+
+
+def main():
+    configs = [c for c in itertools.product((16, 32, 64), (1, 4, 8, 16, 32), (2, 4, 8)) if c[0] * c[1] <= 1024]
+    for name, shape in SHAPES.items():
+        args, bias = inputs(*shape)
+        want = reference(*args, delta_bias=bias, delta_softplus=True).float()
+        train = name.endswith("train")
+        rows = []
+        for config in configs:
+            kernels.INFER_CONFIG = kernels.TRAIN_CONFIG = config
+            try:
+                if train:
+                    leaves = [t.detach().requires_grad_() for t in args]
+                    grad = torch.randn_like(want)
+
+                    def step():
+                        y = kernels.selective_scan_triton(*leaves, delta_bias=bias, delta_softplus=True)
+                        torch.autograd.grad(y, leaves, grad)
+                else:
+                    def step():
+                        with torch.no_grad():
+                            return kernels.selective_scan_triton(*args, delta_bias=bias, delta_softplus=True)
+                    got = step().float()
+                    error = ((got - want).norm() / want.norm()).item()
+                    assert error < 1e-2, f"wrong result, relative error {error}"
+                rows.append((triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), config))
+            except Exception as exc:  # a configuration that does not compile or fit is reported and skipped
+                print(f"{name} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+        rows.sort()
+        print(f"\n{name} {shape} {'fwd+bwd' if train else 'fwd'}: best 6 of {len(rows)} (block, chunk, warps)")
+        for ms, config in rows[:6]:
+            print(f"  {config}: {ms * 1e3:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
