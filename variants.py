@@ -151,7 +151,8 @@ PROJECT_LICENSE = {
     "license": "apache-2.0",
     "license_link": "https://www.apache.org/licenses/LICENSE-2.0",
     "title": "Apache License 2.0",
-    "terms": "These weights were trained from scratch by this project (train_digits.py); no NVIDIA weights are involved.",
+    "terms": "These weights were trained from scratch by this project (train_digits.py); no NVIDIA weights are "
+             "involved.",
 }
 
 PROJECT_VARIANTS = {
@@ -160,8 +161,12 @@ PROJECT_VARIANTS = {
         # 64x64 inputs leave 4x4 tokens at level 2 and 2x2 at level 3: one window each
         Variant("MambaVision-Digits", "MambaVision-Digits", None, DIGITS, image_size=64, mean=(0.3093,) * 3,
                 std=(0.3490,) * 3, imagenet_labels=False, datasets=(), license=PROJECT_LICENSE,
-                description="A tiny MambaVision trained from scratch on scikit-learn's handwritten digits (8x8 "
-                            "grayscale scans of the digits 0-9, upscaled to 64x64 by the image processor), so that "
-                            "the whole path from an original checkpoint to a pipeline runs offline."),
+                description="A tiny MambaVision trained from scratch on scikit-learn's handwritten digits (its copy "
+                            "of the UCI ML hand-written digits test set: 8x8 grayscale scans of the digits 0-9, "
+                            "upscaled to 64x64 by the image processor), so that the whole path from an original "
+                            "checkpoint to a pipeline runs offline. Trained with transformers' Trainer "
+                            "(train_digits.py: 20 epochs, about a minute on 2 CPU cores) on a fixed stratified 80% of"
+                            " the 1,797 images, it classifies 99.4% of the other 20% (360 images) correctly. A "
+                            "demonstration, not a general digit reader: it knows white-on-black 8x8 scans."),
     )
 }

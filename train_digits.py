@@ -1,0 +1,112 @@
+"""Train MambaVision-Digits from scratch with transformers' Trainer, and save it as an original checkpoint.
+
+    .venv/bin/python train_digits.py    # a few minutes on 2 CPU cores; rewrites the files in checkpoints/
+
+The architecture and preprocessing are the ``MambaVision-Digits`` entry of ``variants.py``; the data is
+scikit-learn's handwritten digits (``digits.py``: the fixed 80/20 split), through the project's image processor,
+so training, evaluation and the converted model's pipeline see the same pixels. Seeded: a rerun reproduces the
+held-out accuracy. The result is what NVIDIA publishes: ``{"state_dict": <original names>, "epoch": N}`` in a
+``.pth.tar`` (plus the model's config fields as JSON), for ``convert_checkpoint.py`` to convert.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+import digits
+import mambavision_code
+from convert_checkpoint import build_config, rename_key
+from variants import PROJECT_VARIANTS
+
+STATS_TOLERANCE = 5e-4  # the variant stores the dataset's mean/std to 4 decimals
+
+
+def original_state_dict(model):
+    """The model's tensors under their original checkpoint names: for each name, the one that the converter's
+    ``rename_key`` (its ``KEY_RENAMES`` table) turns into it."""
+    state_dict = {}
+    for key, tensor in model.state_dict().items():
+        original = next((key[i:] for i in range(len(key)) if rename_key(key[i:]) == key), None)
+        if original is None:
+            raise ValueError(f"the converter's KEY_RENAMES produce no name {key!r}")
+        state_dict[original] = tensor.detach().clone()
+    return state_dict
+
+
+def check_preprocessing(variant, images, processor):
+    """Refuse to train with a mean/std that are not the training images' own (e.g. after changing the data)."""
+    mean, std = digits.pixel_stats(images, processor)
+    if not np.allclose([mean, std], [variant.mean, variant.std], atol=STATS_TOLERANCE):
+        raise SystemExit(f"{variant.name} in variants.py has mean {list(variant.mean)}, std {list(variant.std)}, "
+                         f"but its training images have mean {mean[0]:.4f}, std {std[0]:.4f}: update the entry")
+
+
+def encode(images, labels, processor):
+    """Trainer examples: the processor's pixels and the class index of each image."""
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    return [{"pixel_values": p, "labels": label} for p, label in zip(pixels, labels)]
+
+
+def accuracy(eval_prediction):
+    return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
+
+
+def train(output_dir, epochs, seed=0, max_steps=-1):
+    """Train, evaluate on the held-out split and write the checkpoint and config JSON; returns the metrics."""
+    variant = PROJECT_VARIANTS[digits.VARIANT]
+    config = build_config(variant)
+    image_processing = mambavision_code.load("image_processing_mambavision")
+    processor = image_processing.MambaVisionImageProcessor.from_model_config(config)
+    train_images, train_labels = digits.load_split("train")
+    check_preprocessing(variant, train_images, processor)
+    train_set = encode(train_images, train_labels, processor)
+    held_out = encode(*digits.load_split("held_out"), processor)
+
+    set_seed(seed)
+    model = mambavision_code.load("modeling_mambavision").MambaVisionModelForImageClassification(config)
+    with tempfile.TemporaryDirectory() as scratch:  # Trainer's output folder; nothing is saved there
+        args = TrainingArguments(
+            output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=64,
+            per_device_eval_batch_size=128, learning_rate=3e-3, weight_decay=0.05, lr_scheduler_type="cosine",
+            warmup_steps=0.1, logging_strategy="epoch", eval_strategy="no", save_strategy="no", report_to=[],
+            use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=held_out,
+                          processing_class=processor, compute_metrics=accuracy)
+        start = time.monotonic()
+        trainer.train()
+        minutes = (time.monotonic() - start) / 60
+        metrics = trainer.evaluate()
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = output_dir / digits.CHECKPOINT.name
+    epoch = round(trainer.state.epoch)
+    torch.save({"state_dict": original_state_dict(model.eval()), "epoch": epoch}, checkpoint)
+    fields = {**variant.architecture, **variant.preprocessing}
+    (output_dir / digits.CONFIG.name).write_text(json.dumps(fields, indent=2) + "\n")
+    print(f"trained {trainer.state.global_step} steps ({epoch} epochs) in {minutes:.1f} min; held-out accuracy {metrics['eval_accuracy']:.4f} "
+          f"({len(held_out)} images); wrote {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB)")
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=str(digits.CHECKPOINT.parent),
+                        help="where to write the checkpoint and its config (default: checkpoints/)")
+    parser.add_argument("--epochs", type=float, default=20, help="training epochs (default: 20)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (a quick check)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    args = parser.parse_args(argv)
+    train(args.output_dir, args.epochs, seed=args.seed, max_steps=args.max_steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
