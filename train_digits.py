@@ -40,6 +40,11 @@ def original_state_dict(model):
     return state_dict
 
 
+def image_processor(config):
+    """The project's image processor for ``config``: the one the converted folder saves."""
+    return mambavision_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
+
+
 def check_preprocessing(variant, images, processor):
     """Refuse to train with a mean/std that are not the training images' own (e.g. after changing the data)."""
     mean, std = digits.pixel_stats(images, processor)
@@ -62,8 +67,7 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
     """Train, evaluate on the held-out split and write the checkpoint and config JSON; returns the metrics."""
     variant = PROJECT_VARIANTS[digits.VARIANT]
     config = build_config(variant)
-    image_processing = mambavision_code.load("image_processing_mambavision")
-    processor = image_processing.MambaVisionImageProcessor.from_model_config(config)
+    processor = image_processor(config)
     train_images, train_labels = digits.load_split("train")
     check_preprocessing(variant, train_images, processor)
     train_set = encode(train_images, train_labels, processor)
