@@ -1,6 +1,6 @@
 """Train MambaVision-Digits from scratch with transformers' Trainer, and save it as an original checkpoint.
 
-    .venv/bin/python train_digits.py    # a few minutes on 2 CPU cores; rewrites the files in checkpoints/
+    .venv/bin/python train_digits.py    # about a minute on 2 CPU cores; rewrites the files in checkpoints/
 
 The architecture and preprocessing are the ``MambaVision-Digits`` entry of ``variants.py``; the data is
 scikit-learn's handwritten digits (``digits.py``: the fixed 80/20 split), through the project's image processor,
@@ -60,6 +60,7 @@ def encode(images, labels, processor):
 
 
 def accuracy(eval_prediction):
+    """Trainer's metric: the share of images whose top class is the label."""
     return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
@@ -96,8 +97,9 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
     torch.save({"state_dict": original_state_dict(model.eval()), "epoch": epoch}, checkpoint)
     fields = {**variant.architecture, **variant.preprocessing}
     (output_dir / digits.CONFIG.name).write_text(json.dumps(fields, indent=2) + "\n")
-    print(f"trained {trainer.state.global_step} steps ({epoch} epochs) in {minutes:.1f} min; held-out accuracy {metrics['eval_accuracy']:.4f} "
-          f"({len(held_out)} images); wrote {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB)")
+    print(f"trained {trainer.state.global_step} steps ({epoch} epochs) in {minutes:.1f} min; held-out accuracy "
+          f"{metrics['eval_accuracy']:.4f} ({len(held_out)} images); wrote {checkpoint} "
+          f"({checkpoint.stat().st_size / 2**20:.1f} MiB)")
     return metrics
 
 
