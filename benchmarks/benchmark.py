@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mambavision_code  # noqa: E402
@@ -87,6 +88,7 @@ def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
     dtype = DTYPES[dtype_name]
     pixels = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device="cuda")
+    torch._inductor.config.freezing = args.freezing and mode != "train"
     forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
     autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
     if mode == "train":
@@ -111,7 +113,8 @@ def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
     ms = time_cuda(step, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"variant": variant, "mode": mode, "batch": batch, "dtype": dtype_name, "scan": backend,
-            "compile": compile_mode, "fold_bn": args.fold and mode != "train", "ms": ms,
+            "compile": compile_mode + ("+freezing" if args.freezing and mode != "train" else ""),
+            "fold_bn": args.fold and mode != "train", "ms": ms,
             "img_s": batch * 1e3 / ms, "peak_gib": peak}
 
 
@@ -178,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--compile-modes", nargs="+", default=["eager"],
                         help="eager, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     parser.add_argument("--fold", action="store_true", help="fold BatchNorm into convolutions (inference)")
+    parser.add_argument("--freezing", action="store_true",
+                        help="compile with inductor's freezing (weights as constants; inference only)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=8)

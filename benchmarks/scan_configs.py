@@ -19,10 +19,11 @@ import mambavision_code  # noqa: E402
 kernels = mambavision_code.load("selective_scan_triton")
 reference = mambavision_code.load("selective_scan").selective_scan_ref
 
-# (sequences, channels, length): MambaVision-T's level-2 and level-3 mixers at batch 256 (inference)
-# and batch 128 (training), and MambaVision-B's level 2 at batch 256
-SHAPES = {"T-l2-b256": (4096, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256": (4096, 256, 196),
-          "T-l2-b128-train": (2048, 160, 196), "T-l3-b128-train": (128, 320, 49)}
+# (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so MambaVision-T's
+# level-2/3 mixers at batch 256 (inference) and 128 (training), MambaVision-B's level 2 at batch 256, and
+# the 512x512 variants' level 2 (32x32 windows) at batch 32
+SHAPES = {"T-l2-b256": (256, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256": (256, 256, 196),
+          "L2-512-l2-b32": (32, 392, 1024), "T-l2-b128-train": (128, 160, 196), "T-l3-b128-train": (128, 320, 49)}
 
 
 def inputs(seqs, dim, length, dtype=torch.bfloat16):
@@ -37,7 +38,7 @@ def inputs(seqs, dim, length, dtype=torch.bfloat16):
 
 
 def main():
-    configs = [c for c in itertools.product((16, 32, 64), (1, 4, 8, 16, 32), (2, 4, 8)) if c[0] * c[1] <= 1024]
+    configs = [c for c in itertools.product((8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4)) if c[0] * c[1] <= 1024]
     for name, shape in SHAPES.items():
         args, bias = inputs(*shape)
         want = reference(*args, delta_bias=bias, delta_softplus=True).float()
