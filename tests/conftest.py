@@ -27,6 +27,9 @@ configuration = mambavision_code.load("configuration_mambavision")
 needs_shared = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES} (../shared beside the checkout)"
 )
+needs_reference = pytest.mark.skipif(
+    not REFERENCE.is_dir(), reason=f"reference layouts not found at {REFERENCE} (../shared beside the checkout)"
+)
 
 
 def tiny_config(**overrides):

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForImageClassification
 import convert_checkpoint
 import mambavision_code
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, assert_close_relative, modeling,
-                      needs_shared, tiny_config)
+                      needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
 from variants import VARIANTS, Variant
 
@@ -116,7 +116,7 @@ def test_fixture_converts_and_reproduces_original_outputs(name, tmp_path, capsys
             assert_close_relative(stage_map, expected[f"stage{i}_{size}"], what=f"{name} stage{i} {size}")
 
 
-@needs_shared
+@needs_reference
 def test_variant_table_has_every_published_url():
     reference = json.loads((REFERENCE / "variants.json").read_text())
     urls = sorted(spec["pretrained_cfg"]["url"] for spec in reference.values())
@@ -124,7 +124,7 @@ def test_variant_table_has_every_published_url():
     assert all(variant.repo_id == f"nvidia/{name}" for name, variant in VARIANTS.items())  # keyed by Hub name
 
 
-@needs_shared
+@needs_reference
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_table_matches_reference(name):
     variant = VARIANTS[name]
@@ -147,18 +147,14 @@ def test_variant_table_matches_reference(name):
     assert abs(variant.results["params_m"] * 1e6 - num_params) < 0.1e6  # the published count is this model's
 
 
+@needs_reference
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_variant_accepts_its_original_layout(name):
-    """Key/shape level for all variants: the original layout (../shared when there) checks and loads strictly."""
+    """Key/shape level for all variants: the original layout checks and loads strictly."""
     variant = VARIANTS[name]
     config = convert_checkpoint.build_config(variant)
-    if REFERENCE.is_dir():
-        layout = json.loads((REFERENCE / "checkpoint_layout" / f"{_layout_name(variant)}.json").read_text())
-        shapes = {key: shape for key, (_, shape) in layout.items()}
-    else:
-        with torch.device("meta"):
-            model = modeling.MambaVisionModelForImageClassification(config)
-        shapes = {key.removeprefix("model."): value.shape for key, value in model.state_dict().items()}
+    layout = json.loads((REFERENCE / "checkpoint_layout" / f"{_layout_name(variant)}.json").read_text())
+    shapes = {key: shape for key, (_, shape) in layout.items()}
     state_dict = {f"module.{key}": torch.empty(shape, device="meta") for key, shape in shapes.items()}
     model = convert_checkpoint.build_model(config, state_dict, name)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {f"model.{k}": tuple(s) for k, s in shapes.items()}

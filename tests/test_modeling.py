@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, REFERENCE, assert_close_relative, configuration,
-                      load_fixture, modeling, needs_shared, tiny_config)
+                      load_fixture, modeling, needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import config_from_architecture
 
 
@@ -34,7 +34,7 @@ def _variants():
     return json.loads((REFERENCE / "variants.json").read_text()) if REFERENCE.is_dir() else {}
 
 
-@needs_shared
+@needs_reference
 @pytest.mark.parametrize("variant", sorted(_variants()) or ["<no ../shared>"])
 def test_variant_layout_matches_original_checkpoint(variant):
     spec = _variants()[variant]
