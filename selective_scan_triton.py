@@ -55,19 +55,26 @@ def _row(x, rows, index):
 
 
 @triton.jit
+def _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N: tl.constexpr, BLOCK: tl.constexpr,
+                      CHUNK_L: tl.constexpr):
+    """This program's channel block: offsets, mask, state and row indices, and its A, D, delta_bias."""
+    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
+    mask_d = offs_d < dim
+    offs_n = tl.arange(0, N)
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0).to(tl.float32)
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, mask_d, offs_n, tl.arange(0, CHUNK_L), A, D, bias
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr, L, dim,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_L: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    mask_d = offs_d < dim
-    offs_n = tl.arange(0, N)
-    rows = tl.arange(0, CHUNK_L)
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0).to(tl.float32)
-    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, mask_d, offs_n, rows, A, D, bias = _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N, BLOCK, CHUNK_L)
     state = tl.zeros((BLOCK, N), dtype=tl.float32)
     num_chunks = tl.cdiv(L, CHUNK_L)
     for chunk in range(num_chunks):
@@ -100,13 +107,7 @@ def _scan_bwd_kernel(
     dD, dbias: (batch, dim).
     """
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    mask_d = offs_d < dim
-    offs_n = tl.arange(0, N)
-    rows = tl.arange(0, CHUNK_L)
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0).to(tl.float32)
-    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, mask_d, offs_n, rows, A, D, bias = _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N, BLOCK, CHUNK_L)
     num_chunks = tl.cdiv(L, CHUNK_L)
     grad_next = tl.zeros((BLOCK, N), dtype=tl.float32)  # g at the first step of the later chunk
     dA = tl.zeros((BLOCK, N), dtype=tl.float32)

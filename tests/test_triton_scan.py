@@ -106,17 +106,6 @@ def test_mamba_ssm_scan_matches_reference_on_gpu(dtype):
     assert all(e < TOLERANCES[dtype]["grad"] for name, e in errors.items() if name != "out"), errors
 
 
-@needs_mamba_ssm
-@needs_shared
-def test_model_on_mamba_ssm_matches_original_outputs(monkeypatch):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model, expected = _fixture_model("tiny_layerscale", "mamba_ssm", monkeypatch)
-    with torch.no_grad():
-        logits = model(expected["input_64x96"].cuda()).logits
-    assert_close_relative(logits.cpu(), expected["logits_64x96"], rel=1e-5, what="logits on mamba-ssm")
-
-
 def _fixture_model(name, backend, monkeypatch):
     monkeypatch.setenv("MAMBAVISION_SCAN_BACKEND", backend)
     config, state_dict, expected = load_fixture(name)
@@ -126,12 +115,13 @@ def _fixture_model(name, backend, monkeypatch):
 
 
 @needs_cuda
-@triton_missing
 @needs_shared
-def test_model_on_triton_matches_original_outputs(monkeypatch):
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_missing),
+                                     pytest.param("mamba_ssm", marks=needs_mamba_ssm)])
+def test_model_on_fast_backend_matches_original_outputs(backend, monkeypatch):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    model, expected = _fixture_model("tiny_layerscale", "triton", monkeypatch)
+    model, expected = _fixture_model("tiny_layerscale", backend, monkeypatch)
     for size in ("224x224", "64x96", "200x152"):
         with torch.no_grad():
             out = model(expected[f"input_{size}"].cuda(), output_hidden_states=True)
