@@ -327,7 +327,8 @@ def render_model_card(variant, model, repo_id, image_processor=False):
         num_labels=config.num_labels, stage_shapes=_stage_shapes(config), results=results,
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
         license_terms=license_.get("terms", ""), license_link=license_.get("license_link"),
-        datasets=list(variant.datasets), image_processor=image_processor, **variant.preprocessing,
+        datasets=list(variant.datasets), image_processor=image_processor, imagenet_labels=variant.imagenet_labels,
+        **variant.preprocessing,
     )
 
 
