@@ -144,25 +144,24 @@ class MambaVisionMixer(nn.Module):
 
     @staticmethod
     def _depthwise(conv, x):
-        """The depthwise 'same' conv along L. Compiled, it is written as a sum of shifted taps, which the
-        compiler fuses with its neighbours into one element-wise kernel; eager keeps the conv kernel."""
+        """The depthwise 'same' conv along L of tokens (B, L, C). Eager runs the conv kernel on a (B, C, L)
+        view; compiled, it is a sum of shifted taps that the compiler fuses with its neighbours into one
+        element-wise kernel reading and writing the tokens in place."""
         if not torch.compiler.is_compiling():
-            return conv(x)
+            return conv(x.transpose(1, 2)).transpose(1, 2)
         width = conv.kernel_size[0]
-        padded = F.pad(x, ((width - 1) // 2, width // 2))
-        weight = conv.weight[:, 0, :, None]  # (C, width, 1)
-        return sum(padded[..., tap : tap + x.shape[-1]] * weight[:, tap] for tap in range(width))
+        padded = F.pad(x, (0, 0, (width - 1) // 2, width // 2))  # pad along L
+        return sum(padded[:, tap : tap + x.shape[1]] * conv.weight[:, 0, tap] for tap in range(width))
 
     def forward(self, hidden_states):
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, L, C) -> (B, C, L)
-        x, z = xz.chunk(2, dim=1)
+        # tokens stay (B, L, C); the scan reads (B, C, L) views of them
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         x = F.silu(self._depthwise(self.conv1d_x, x))
         z = F.silu(self._depthwise(self.conv1d_z, z))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt).transpose(1, 2)  # (B, L, C/2) -> (B, C/2, L)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_scan(
-            x,
-            dt,
+            x.transpose(1, 2),  # (B, L, C/2) -> (B, C/2, L)
+            self.dt_proj(dt).transpose(1, 2),
             -torch.exp(self.A_log.float()),
             B.transpose(1, 2),  # (B, L, N) -> (B, N, L)
             C.transpose(1, 2),
@@ -170,7 +169,7 @@ class MambaVisionMixer(nn.Module):
             delta_bias=self.dt_proj.bias.float(),
             backend=self.scan_backend,
         )
-        return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))  # (B, C, L) -> (B, L, C)
+        return self.out_proj(torch.cat([y.transpose(1, 2), z], dim=-1))  # (B, C/2, L) -> (B, L, C/2)
 
 
 class MambaVisionAttention(nn.Module):

@@ -175,7 +175,7 @@ def _register_ops():
         batch, dim, length = u.shape
         n = A.shape[1]
         block, chunk, warps = TRAIN_CONFIG if save_states else INFER_CONFIG
-        y = torch.empty_like(u, memory_format=torch.contiguous_format)
+        y = torch.empty_like(u)  # in u's layout: a (B, C, L) view of (B, L, C) tokens stays one
         chunks = triton.cdiv(length, chunk) if save_states else 0
         states = torch.empty(batch, dim, chunks, n, device=u.device, dtype=torch.float32)
         with _on_device(u):
@@ -188,7 +188,7 @@ def _register_ops():
     @_scan_fwd.register_fake
     def _(u, delta, A, B, C, D, delta_bias, save_states):
         chunks = -(-u.shape[2] // TRAIN_CONFIG[1]) if save_states else 0
-        return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty(
+        return torch.empty_like(u), u.new_empty(
             u.shape[0], u.shape[1], chunks, A.shape[1], dtype=torch.float32)
 
     @torch.library.custom_op("mambavision::selective_scan_bwd", mutates_args=())

@@ -211,6 +211,7 @@ def test_fold_batchnorm_keeps_outputs():
 def test_compiled_depthwise_taps_match_the_conv():
     """The mixer's compiled form of its depthwise conv (shifted taps) equals the eager conv kernel."""
     mixer = modeling.MambaVisionModel(tiny_config()).model.levels[2].blocks[0].mixer
-    x = torch.randn(3, mixer.half, 17)
+    tokens = torch.randn(3, 17, mixer.half)  # (B, L, C)
     taps = torch.compile(lambda v: mixer._depthwise(mixer.conv1d_x, v), fullgraph=True, backend="eager")
-    torch.testing.assert_close(taps(x), mixer.conv1d_x(x), rtol=1e-5, atol=1e-6)
+    expected = mixer.conv1d_x(tokens.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(taps(tokens), expected, rtol=1e-5, atol=1e-6)
