@@ -118,6 +118,15 @@ def _warn_once(message):
 
 
 _FAST_BACKENDS = {"mamba_ssm": _mamba_ssm_scan, "triton": _triton_scan}  # in order of preference
+_kernels = {}
+
+
+def _kernel(name):
+    """A fast backend's scan function, imported once (None when it does not import): a failed import is
+    not cached by Python, and this runs on every mixer call."""
+    if name not in _kernels:
+        _kernels[name] = _FAST_BACKENDS[name]()
+    return _kernels[name]
 
 
 @torch.compiler.assume_constant_result
@@ -135,7 +144,7 @@ def resolve_backend(requested, device):
         raise ValueError(f"unknown scan backend {requested!r}; choose auto, torch, triton or mamba_ssm")
     candidates = _FAST_BACKENDS if requested == "auto" else [requested]
     for name in candidates:
-        scan = _FAST_BACKENDS[name]() if device.type == "cuda" else None
+        scan = _kernel(name) if device.type == "cuda" else None
         if scan is not None and _works_on(name, scan, device):
             return name
     if requested != "auto":
@@ -148,5 +157,5 @@ def resolve_backend(requested, device):
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
     """Dispatch to the chosen backend (see ``resolve_backend``)."""
     name = resolve_backend(backend, u.device)
-    scan = selective_scan_ref if name == "torch" else _FAST_BACKENDS[name]()
+    scan = selective_scan_ref if name == "torch" else _kernel(name)
     return scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
