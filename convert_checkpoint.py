@@ -31,7 +31,6 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_
 from safetensors.torch import load_file
 from timm.data import ImageNetInfo
 from transformers import AutoModelForImageClassification
-from transformers.utils import IMAGE_PROCESSOR_NAME
 from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils import logging as transformers_logging
 
@@ -298,10 +297,9 @@ def _stage_shapes(config):
     return shapes
 
 
-def render_model_card(variant, model, repo_id, image_processor=False):
+def render_model_card(variant, model, repo_id):
     """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the
-    template. ``image_processor``: whether the folder has a ``preprocessor_config.json`` for the snippet to load.
-    """
+    template."""
     config, results, license_ = model.config, variant.results, variant.license
     eval_results = None
     if results:
@@ -327,7 +325,7 @@ def render_model_card(variant, model, repo_id, image_processor=False):
         num_labels=config.num_labels, stage_shapes=_stage_shapes(config), results=results,
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
         license_terms=license_.get("terms", ""), license_link=license_.get("license_link"),
-        datasets=list(variant.datasets), image_processor=image_processor, imagenet_labels=variant.imagenet_labels,
+        datasets=list(variant.datasets), imagenet_labels=variant.imagenet_labels,
         **variant.preprocessing,
     )
 
@@ -397,8 +395,7 @@ def convert(variant, checkpoint, output_dir, *, repo_id=None, overwrite=False, m
     with staged_folder(output_dir, overwrite) as folder:
         progress(f"writing {folder.name}: config, weights (safetensors shards up to {max_shard_size}), code, card")
         save_model_folder(model, folder, max_shard_size=max_shard_size)
-        card = render_model_card(variant, model, repo_id or variant.repo_id,
-                                 image_processor=(folder / IMAGE_PROCESSOR_NAME).is_file())
+        card = render_model_card(variant, model, repo_id or variant.repo_id)
         card.save(folder / "README.md")
         if verify:
             verify_folder(folder, model)

@@ -465,7 +465,7 @@ def test_card_metadata_parses_back(name):
     metrics = {result.metric_type: result.metric_value for result in data.eval_results}
     assert metrics == {"accuracy": variant.results["top1"], "top_5_accuracy": variant.results["top5"]}
     assert all(r.dataset_type == "ILSVRC/imagenet-1k" and r.dataset_split == "validation" for r in data.eval_results)
-    assert card.text.count('from_pretrained("someone/converted"') == 2
+    assert card.text.count('from_pretrained("someone/converted"') == 3  # processor, classifier, features
     assert f"{sum(p.numel() for p in model.parameters()):,}" in card.text
     for number in (variant.results["top1"], variant.results["flops_g"], variant.results["params_m"]):
         assert f"| {number} |" in card.text
