@@ -299,15 +299,20 @@ class MambaVisionEncoder(nn.Module):
         if with_head:
             self.head = nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
-    def forward(self, pixel_values):
-        """(B, C, H, W) -> pooled features (B, num_features) and the tuple of four stage maps."""
+    def feature_maps(self, pixel_values):
+        """The stem's output and each level's output before its downsample (the last level has none)."""
         x = self.patch_embed(pixel_values)
-        stage_maps = []
+        maps = [x]
         for level in self.levels:
             x, stage_map = level(x)
-            stage_maps.append(stage_map)
-        pooled = self.norm(x).mean(dim=(2, 3))
-        return pooled, tuple(stage_maps)
+            maps.append(stage_map)
+        return maps
+
+    def forward(self, pixel_values):
+        """(B, C, H, W) -> pooled features (B, num_features) and the tuple of four stage maps."""
+        maps = self.feature_maps(pixel_values)
+        pooled = self.norm(maps[-1]).mean(dim=(2, 3))
+        return pooled, tuple(maps[1:])
 
 
 class MambaVisionPreTrainedModel(PreTrainedModel):
@@ -443,11 +448,7 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        x = self.model.patch_embed(pixel_values)
-        maps = [x]
-        for level in self.model.levels:
-            x, stage_map = level(x)
-            maps.append(stage_map)
+        maps = self.model.feature_maps(pixel_values)
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in self.out_features)
         hidden_states = tuple(maps) if output_hidden_states else None
         if not return_dict:
