@@ -40,6 +40,16 @@ def tiny_config(**overrides):
     return configuration.MambaVisionConfig(**fields)
 
 
+def randomize_batchnorm(model):
+    """Non-trivial BatchNorm statistics, so that a lost buffer or train-mode norm shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 def load_fixture(name):
     """(config, transformers-named state dict, expected outputs) of a fixture in the original format."""
     folder = FIXTURES / name

@@ -18,7 +18,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
-from conftest import ROOT, configuration, modeling
+from conftest import ROOT, configuration, modeling, randomize_batchnorm
 from convert_checkpoint import save_model_folder
 
 TF4_SITE = os.environ.get("MAMBAVISION_TF4_SITE", str(ROOT / ".tf457"))
@@ -36,15 +36,6 @@ def tiny_imagenet_config(**overrides):
                   mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5, layer_scale_conv=0.5, crop_pct=0.875)
     fields.update(overrides)
     return configuration.MambaVisionConfig(**fields)
-
-
-def randomize_batchnorm(model):
-    """Non-trivial BatchNorm statistics, so that a lost buffer or train-mode norm shows."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def save_tiny_folder(folder, **overrides):

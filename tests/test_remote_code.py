@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from conftest import ROOT, modeling, tiny_config
+from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
 from convert_checkpoint import save_model_folder
 
 # transformers 4.57 installed with `pip install --target` (see .ci/run); the check runs it in a subprocess
@@ -19,11 +19,8 @@ TF4_SITE = os.environ.get("MAMBAVISION_TF4_SITE", str(ROOT / ".tf457"))
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
-    model = modeling.MambaVisionModelForImageClassification(tiny_config(layer_scale=0.3, layer_scale_conv=0.2)).eval()
-    for module in model.modules():  # non-trivial BatchNorm statistics, so a lost buffer shows
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    model = modeling.MambaVisionModelForImageClassification(tiny_config(layer_scale=0.3, layer_scale_conv=0.2))
+    randomize_batchnorm(model.eval())
     folder = tmp_path_factory.mktemp("remote") / "model"
     save_model_folder(model, folder)
     pixels = torch.randn(2, 3, 48, 40)
