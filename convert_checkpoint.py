@@ -34,10 +34,10 @@ from transformers import AutoModelForImageClassification
 from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils import logging as transformers_logging
 
-import mambavision_code
-from variants import PROJECT_VARIANTS, RESULTS_SOURCE, VARIANTS, Variant
+from mambavision_tools import model_code
+from mambavision_tools.variants import PROJECT_VARIANTS, RESULTS_SOURCE, VARIANTS, Variant
 
-MambaVisionConfig = mambavision_code.load("configuration_mambavision").MambaVisionConfig
+MambaVisionConfig = model_code.load("configuration_mambavision").MambaVisionConfig
 
 # Original state-dict key -> transformers key, applied in order (the dinov3 converter's style).
 KEY_RENAMES = [
@@ -84,16 +84,16 @@ def save_model_folder(model, folder, max_shard_size="2GB"):
     preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code."""
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    for name in mambavision_code.MODEL_FILES:
-        shutil.copy2(mambavision_code.ROOT / name, Path(folder) / name)
-    image_processing = mambavision_code.load("image_processing_mambavision")
+    for name in model_code.MODEL_FILES:
+        shutil.copy2(model_code.ROOT / name, Path(folder) / name)
+    image_processing = model_code.load("image_processing_mambavision")
     image_processing.MambaVisionImageProcessor.from_model_config(model.config).save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The converter
 
-CARD_TEMPLATE = mambavision_code.ROOT / "model_cards" / "mambavision.md"
+CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision.md"
 CARD_TAGS = ["vision", "image-classification", "image-feature-extraction", "mambavision", "mamba"]
 PREPROCESSING_FIELDS = {"image_size": int, "crop_pct": (int, float), "crop_mode": str, "interpolation": str,
                         "mean": list, "std": list}
@@ -277,7 +277,7 @@ def check_state_dict(expected, state_dict, what):
 
 def build_model(config, original_state_dict, what):
     """The classifier holding the checkpoint's tensors (float32), after checking every name and shape."""
-    modeling = mambavision_code.load("modeling_mambavision")
+    modeling = model_code.load("modeling_mambavision")
     with torch.device("meta"):  # no memory for weights that the checkpoint replaces
         model = modeling.MambaVisionModelForImageClassification(config)
     state_dict = convert_state_dict(original_state_dict)

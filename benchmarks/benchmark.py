@@ -20,12 +20,12 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mambavision_code  # noqa: E402
-from variants import VARIANTS  # noqa: E402
+from mambavision_tools import model_code  # noqa: E402
+from mambavision_tools.variants import VARIANTS  # noqa: E402
 
-modeling = mambavision_code.load("modeling_mambavision")
-configuration = mambavision_code.load("configuration_mambavision")
-scan = mambavision_code.load("selective_scan")
+modeling = model_code.load("modeling_mambavision")
+configuration = model_code.load("configuration_mambavision")
+scan = model_code.load("selective_scan")
 
 SHORT_NAMES = {"T": "MambaVision-T-1K", "T2": "MambaVision-T2-1K", "S": "MambaVision-S-1K", "B": "MambaVision-B-1K",
                "L": "MambaVision-L-1K", "L2": "MambaVision-L2-1K"}

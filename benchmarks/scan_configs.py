@@ -14,10 +14,10 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mambavision_code  # noqa: E402
+from mambavision_tools import model_code  # noqa: E402
 
-kernels = mambavision_code.load("selective_scan_triton")
-reference = mambavision_code.load("selective_scan").selective_scan_ref
+kernels = model_code.load("selective_scan_triton")
+reference = model_code.load("selective_scan").selective_scan_ref
 
 # (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so MambaVision-T's
 # level-2/3 mixers at batch 256 (inference) and 128 (training), MambaVision-B's level 2 at batch 256, and

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-import mambavision_code  # noqa: E402
+from mambavision_tools import model_code  # noqa: E402
 from convert_checkpoint import config_from_architecture, convert_state_dict  # noqa: E402
 
 SHARED = Path(os.environ.get("MAMBAVISION_SHARED", ROOT.parent / "shared"))  # the team's reference folder
@@ -21,8 +21,8 @@ REFERENCE = SHARED / "reference"
 FIXTURE_NAMES = ("tiny_plain", "tiny_layerscale")
 FIXTURE_SIZES = ("224x224", "64x96", "200x152")
 
-modeling = mambavision_code.load("modeling_mambavision")
-configuration = mambavision_code.load("configuration_mambavision")
+modeling = model_code.load("modeling_mambavision")
+configuration = model_code.load("configuration_mambavision")
 
 needs_shared = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES} (../shared beside the checkout)"

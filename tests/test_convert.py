@@ -18,11 +18,11 @@ from timm.data import ImageNetInfo
 from transformers import AutoModel, AutoModelForImageClassification
 
 import convert_checkpoint
-import mambavision_code
+from mambavision_tools import model_code
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
-from variants import VARIANTS, Variant
+from mambavision_tools.variants import VARIANTS, Variant
 
 TINY_ARCHITECTURE = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
                          mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5)
@@ -181,7 +181,7 @@ def test_variant_converts_end_to_end(name, tmp_path, capsys):
     assert config["label2id"] == {label: i for i, label in enumerate(labels)}
     for field, value in variant.preprocessing.items():
         assert config[field] == value, field
-    for file in mambavision_code.MODEL_FILES:
+    for file in model_code.MODEL_FILES:
         assert (folder / file).read_text() == (ROOT / file).read_text()
     if "--max-shard-size" in extra:
         index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -522,7 +522,7 @@ def test_push_creates_repo_and_uploads_the_folder(tiny, fake_hub, capsys):
                                         "--token", "hf_secret", "--commit-message", "Add tiny", "--revision", "v1"), capsys)
     assert status == 0, err
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert {"config.json", "model.safetensors", "README.md", *mambavision_code.MODEL_FILES} <= set(files)
+    assert {"config.json", "model.safetensors", "README.md", *model_code.MODEL_FILES} <= set(files)
     assert fake_hub.calls == [
         ("HfApi", {"token": "hf_secret"}),
         ("create_repo", {"repo_id": "someone/tiny-mv", "repo_type": "model", "private": True, "exist_ok": True}),

@@ -22,7 +22,7 @@ import digits
 import train_digits
 from conftest import ROOT, modeling
 from convert_checkpoint import main
-from variants import PROJECT_VARIANTS, VARIANTS
+from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 VARIANT = PROJECT_VARIANTS[digits.VARIANT]
 MIN_ACCURACY = 0.95  # the acceptance bar (demo.py's too; importing demo would set HF_HUB_OFFLINE here)
@@ -107,7 +107,7 @@ def test_model_card_is_its_own(converted):
 
 def test_demo_prints_predictions_with_true_labels(tmp_path):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")  # a fresh cache, no network
-    result = subprocess.run([sys.executable, "demo.py", "--output-dir", str(tmp_path / "out"), "--samples", "5"],
+    result = subprocess.run([sys.executable, "examples/demo.py", "--output-dir", str(tmp_path / "out"), "--samples", "5"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     predictions = re.findall(r"image +\d+: predicted (\d) \(score [01]\.\d{3}\), true (\d)", result.stdout)
@@ -131,7 +131,7 @@ def test_training_script_writes_a_checkpoint_the_converter_takes(tmp_path, capsy
 def test_readme_and_ci_run_the_demo():
     readme = (ROOT / "README.md").read_text()
     first_block = readme[readme.index("```bash"):readme.index("```\n", readme.index("```bash") + 7)]
-    assert "bash scripts/install.sh && .venv/bin/python demo.py" in first_block
+    assert "bash scripts/install.sh && .venv/bin/python examples/demo.py" in first_block
     assert ".venv/bin/python -m pytest -q tests" in first_block
-    assert ".venv/bin/python demo.py" in (ROOT / ".ci" / "run").read_text()
-    assert ".venv/bin/python train_digits.py" in readme
+    assert ".venv/bin/python examples/demo.py" in (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/python examples/train_digits.py" in readme

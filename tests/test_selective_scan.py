@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mambavision_code
+from mambavision_tools import model_code
 
-scan = mambavision_code.load("selective_scan")
+scan = model_code.load("selective_scan")
 
 
 def naive_scan(u, delta, A, B, C, D, delta_bias):

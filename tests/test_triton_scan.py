@@ -1,6 +1,7 @@
 """The Triton selective scan against the float32 reference: in Triton's CPU interpreter here, on a GPU
 per dtype (forward and gradients), and the whole model's fast CUDA path against its reference path."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_close_relative, load_fixture, modeling, needs_shared
+from conftest import ROOT, model_code, assert_close_relative, load_fixture, modeling, needs_shared
 
 triton_missing = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed")
+    importlib.util.find_spec("triton") is None, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 # ||fast - ref|| / ||ref|| allowed per input dtype; the reference runs in float32 on the same (rounded) inputs
@@ -40,7 +41,7 @@ def relative_error(actual, expected):
 
 def compare_with_reference(batch, dim, length, dtype, device, seed, backend="triton"):
     """Relative errors of a fast backend's output and gradients against the float32 reference scan."""
-    scan = __import__("mambavision_code").load("selective_scan")
+    scan = model_code.load("selective_scan")
     fast_scan = scan._FAST_BACKENDS[backend]()
     inputs = scan_problem(batch, dim, length, dtype, device, seed)
     order = ("u", "delta", "A", "B", "C", "D")
@@ -90,7 +91,7 @@ def test_triton_scan_matches_reference_on_gpu(shape, dtype):
 
 
 def _mamba_ssm_works():
-    scan = __import__("mambavision_code").load("selective_scan")
+    scan = model_code.load("selective_scan")
     return torch.cuda.is_available() and scan._mamba_ssm_scan() is not None
 
 

@@ -1,8 +1,8 @@
 """The main job, offline: convert the shipped MambaVision-Digits checkpoint into a Hub-ready folder with
 convert_checkpoint.py, then classify held-out digits through ``pipeline("image-classification")``.
 
-    .venv/bin/python demo.py                       # writes converted/MambaVision-Digits (replaced each run)
-    .venv/bin/python demo.py --output-dir DIR      # a new or empty folder of your choice
+    .venv/bin/python examples/demo.py                       # writes converted/MambaVision-Digits (replaced each run)
+    .venv/bin/python examples/demo.py --output-dir DIR      # a new or empty folder of your choice
 
 Prints a few predictions with their true labels, then the accuracy over the whole held-out split (360 images);
 exits with status 1 if that is below 95%.
@@ -22,7 +22,7 @@ from transformers import pipeline  # noqa: E402
 import convert_checkpoint  # noqa: E402
 import digits  # noqa: E402
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "converted" / digits.VARIANT
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "converted" / digits.VARIANT
 MIN_ACCURACY = 0.95  # what the shipped checkpoint must keep (it reaches 99.4%)
 
 

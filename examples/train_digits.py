@@ -1,6 +1,6 @@
 """Train MambaVision-Digits from scratch with transformers' Trainer, and save it as an original checkpoint.
 
-    .venv/bin/python train_digits.py    # about a minute on 2 CPU cores; rewrites the files in checkpoints/
+    .venv/bin/python examples/train_digits.py    # about a minute on 2 CPU cores; rewrites the files in checkpoints/
 
 The architecture and preprocessing are the ``MambaVision-Digits`` entry of ``variants.py``; the data is
 scikit-learn's handwritten digits (``digits.py``: the fixed 80/20 split), through the project's image processor,
@@ -21,9 +21,9 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 import digits
-import mambavision_code
+from mambavision_tools import model_code
 from convert_checkpoint import build_config, rename_key
-from variants import PROJECT_VARIANTS
+from mambavision_tools.variants import PROJECT_VARIANTS
 
 STATS_TOLERANCE = 5e-4  # the variant stores the dataset's mean/std to 4 decimals
 
@@ -42,7 +42,7 @@ def original_state_dict(model):
 
 def image_processor(config):
     """The project's image processor for ``config``: the one the converted folder saves."""
-    return mambavision_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
+    return model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
 
 
 def check_preprocessing(variant, images, processor):
@@ -75,7 +75,7 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
     held_out = encode(*digits.load_split("held_out"), processor)
 
     set_seed(seed)
-    model = mambavision_code.load("modeling_mambavision").MambaVisionModelForImageClassification(config)
+    model = model_code.load("modeling_mambavision").MambaVisionModelForImageClassification(config)
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's output folder; nothing is saved there
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=64,

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 VARIANT = "MambaVision-Digits"
-CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "mambavision_digits.pth.tar"
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mambavision_digits.pth.tar"
 CONFIG = CHECKPOINT.with_name("mambavision_digits.json")  # the same model as --config fields
 SPLITS = ("train", "held_out")
 HELD_OUT_FRACTION = 0.2
