@@ -376,7 +376,7 @@ def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
         expected = model(pixels, output_hidden_states=True)
         actual = reloaded.eval()(pixels, output_hidden_states=True)
     pairs = [("logits", actual.logits, expected.logits)]
-    pairs += [(f"stage {i}", a, e) for i, (a, e) in enumerate(zip(actual.hidden_states, expected.hidden_states), 1)]
+    pairs += [(name, a, e) for name, a, e in zip(model.config.stage_names, actual.hidden_states, expected.hidden_states)]
     worst = 0.0
     for name, a, e in pairs:
         error = ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()

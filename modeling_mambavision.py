@@ -42,24 +42,29 @@ except ImportError:
 
 @dataclass
 class MambaVisionModelOutput(ModelOutput):
-    """Pooled features and the four stage maps; unpacks as ``pooled, stage_maps = model(x)``.
+    """Pooled features and the four stage maps of ``MambaVisionModel``.
+
+    Like every ``ModelOutput`` this is a mapping: iterating over it yields its keys. NVIDIA's model returns
+    a plain tuple, so its usage ``pooled, stage_maps = model(x)`` reads ``model(x, return_dict=False)`` here
+    (or ``model(x).to_tuple()``, or ``from_pretrained(..., return_dict=False)`` for every call). Python's
+    unpacking iterates, and a mapping iterates over keys; one object cannot honour both.
 
     Args:
         pooler_output: (batch, channels) features after the final BatchNorm and global average pooling.
-        hidden_states: the output of each of the four levels before its downsample, (batch, C_i, H_i, W_i).
+        stage_maps: each level's output before its downsample, (batch, C_i, H_i, W_i) for i = 1..4;
+            always returned: they are the model's multi-scale features.
+        hidden_states: with ``output_hidden_states``, the stem's output followed by the four stage maps
+            (the maps named by ``config.stage_names``), as the classifier and backbone return them.
     """
 
     pooler_output: Optional[torch.FloatTensor] = None
+    stage_maps: Optional[tuple] = None
     hidden_states: Optional[tuple] = None
-
-    def __iter__(self):
-        # values, not keys, so that `pooled, stage_maps = model(x)` works as with NVIDIA's remote code
-        return iter(self.to_tuple())
 
     @property
     def last_hidden_state(self):
         """The last stage map (before the final norm), as transformers' vision models name it."""
-        return self.hidden_states[-1]
+        return self.stage_maps[-1]
 
 
 def window_partition(x, window):
@@ -280,12 +285,9 @@ class MambaVisionStage(GradientCheckpointingLayer):
 
 
 class MambaVisionEncoder(nn.Module):
-    """Stem, four levels, final BatchNorm and pooling; with ``with_head``, the classifier too.
+    """The stem and the four levels: what the backbone needs. Parameter names are the original's."""
 
-    The original keeps its classifier inside this module, so ``head`` lives here for the keys to match.
-    """
-
-    def __init__(self, config, with_head=False):
+    def __init__(self, config):
         super().__init__()
         self.patch_embed = MambaVisionStem(config)
         total = sum(config.depths)
@@ -295,24 +297,35 @@ class MambaVisionEncoder(nn.Module):
             MambaVisionStage(config, level, rates[start : start + depth])
             for level, (start, depth) in enumerate(zip(starts, config.depths))
         )
-        self.norm = nn.BatchNorm2d(config.num_features, eps=1e-5)
-        if with_head:
-            self.head = nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
-    def feature_maps(self, pixel_values):
+    def forward(self, pixel_values):
         """The stem's output and each level's output before its downsample (the last level has none)."""
         x = self.patch_embed(pixel_values)
         maps = [x]
         for level in self.levels:
             x, stage_map = level(x)
             maps.append(stage_map)
-        return maps
+        return tuple(maps)
 
-    def forward(self, pixel_values):
-        """(B, C, H, W) -> pooled features (B, num_features) and the tuple of four stage maps."""
-        maps = self.feature_maps(pixel_values)
-        pooled = self.norm(maps[-1]).mean(dim=(2, 3))
-        return pooled, tuple(maps[1:])
+
+class MambaVisionPooledEncoder(MambaVisionEncoder):
+    """The encoder with the original's final BatchNorm, which the pooled features go through."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm = nn.BatchNorm2d(config.num_features, eps=1e-5)
+
+    def pool(self, last_map):
+        """(B, C, H, W) -> (B, C): final BatchNorm, then global average pooling."""
+        return self.norm(last_map).mean(dim=(2, 3))
+
+
+class MambaVisionClassifierEncoder(MambaVisionPooledEncoder):
+    """The pooled encoder with the linear classifier, which the original keeps in the same module."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
 
 class MambaVisionPreTrainedModel(PreTrainedModel):
@@ -320,6 +333,7 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mambavision"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    batchnorm_folded = False  # set by fold_batchnorm()
     _no_split_modules = ["MambaVisionConvBlock", "MambaVisionBlock"]
 
     @torch.no_grad()
@@ -357,46 +371,77 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
         """Fold each BatchNorm that follows a convolution (stem, conv blocks) into that convolution.
 
         For inference only: the folded model computes the same function up to rounding with fewer kernels,
-        but its BatchNorms are gone (so are their keys in ``state_dict``) and it should not be trained or
-        saved as a checkpoint. Returns the model.
+        but its BatchNorm keys are gone, so afterwards it refuses ``train()`` and ``save_pretrained``
+        (reload the checkpoint for those). Calling it again changes nothing. Returns the model.
         """
         if self.training:
             raise RuntimeError("fold_batchnorm() needs an eval-mode model: call model.eval() first")
         stem = self.model.patch_embed.conv_down
-        for conv, norm in ((0, 1), (3, 4)):
-            stem[conv], stem[norm] = fuse_conv_bn_eval(stem[conv], stem[norm]), nn.Identity()
-        for block in self.modules():
-            if isinstance(block, MambaVisionConvBlock):
-                block.conv1, block.norm1 = fuse_conv_bn_eval(block.conv1, block.norm1), nn.Identity()
-                block.conv2, block.norm2 = fuse_conv_bn_eval(block.conv2, block.norm2), nn.Identity()
+        pairs = [(stem, "0", "1"), (stem, "3", "4")]
+        pairs += [(block, conv, norm) for block in self.modules() if isinstance(block, MambaVisionConvBlock)
+                  for conv, norm in (("conv1", "norm1"), ("conv2", "norm2"))]
+        for parent, conv, norm in pairs:
+            if isinstance(getattr(parent, norm), nn.BatchNorm2d):
+                fused = fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, norm))
+                setattr(parent, conv, fused)
+                setattr(parent, norm, nn.Identity())
+        self.batchnorm_folded = True
         return self
 
-    def _check_pixel_values(self, pixel_values):
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+    def train(self, mode=True):
+        if mode and self.batchnorm_folded:
+            raise RuntimeError(_FOLDED.format(action="train"))
+        return super().train(mode)
+
+    def save_pretrained(self, *args, **kwargs):
+        if self.batchnorm_folded:
+            raise RuntimeError(_FOLDED.format(action="save"))
+        return super().save_pretrained(*args, **kwargs)
+
+    def _prepare_pixel_values(self, pixel_values):
+        """Check the shape and dtype; floating-point inputs are cast to the model's dtype, as transformers'
+        vision models do (a float32 image batch into a bf16 model)."""
+        channels = self.config.num_channels
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"MambaVision expects pixel_values of shape (batch, {channels}, height, width), got {shape}")
+        if not pixel_values.is_floating_point():
             raise ValueError(
-                f"MambaVision expects pixel_values of shape (batch, {self.config.num_channels}, height, width), "
-                f"got {tuple(pixel_values.shape)}"
+                f"MambaVision expects floating-point pixel_values (normalised images, as its image processor "
+                f"returns), got {pixel_values.dtype}"
             )
+        return pixel_values.to(self.dtype)
+
+
+_FOLDED = (
+    "cannot {action} a model whose BatchNorms were folded into its convolutions by fold_batchnorm() "
+    "(an inference-only form without the BatchNorm weights); reload it with from_pretrained to {action} it"
+)
 
 
 class MambaVisionModel(MambaVisionPreTrainedModel):
-    """The backbone: pooled features and the four stage maps (no classifier)."""
+    """The backbone with pooling: pooled features and the four stage maps (no classifier)."""
 
     # checkpoints of the classifier hold the head too; the backbone ignores it
     _keys_to_ignore_on_load_unexpected = [r"^model\.head\."]
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = MambaVisionEncoder(config)
+        self.model = MambaVisionPooledEncoder(config)
         self.post_init()
 
-    def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
-        self._check_pixel_values(pixel_values)
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None):
+        pixel_values = self._prepare_pixel_values(pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        pooled, stage_maps = self.model(pixel_values)
-        if not return_dict:
-            return pooled, stage_maps
-        return MambaVisionModelOutput(pooler_output=pooled, hidden_states=stage_maps)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        maps = self.model(pixel_values)
+        output = MambaVisionModelOutput(
+            pooler_output=self.model.pool(maps[-1]), stage_maps=maps[1:],
+            hidden_states=maps if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
@@ -404,22 +449,22 @@ class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = MambaVisionEncoder(config, with_head=True)
+        self.model = MambaVisionClassifierEncoder(config)
         self.post_init()
 
-    def forward(self, pixel_values, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
-        self._check_pixel_values(pixel_values)
+    def forward(self, pixel_values, labels=None, output_hidden_states=None, return_dict=None):
+        pixel_values = self._prepare_pixel_values(pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        pooled, stage_maps = self.model(pixel_values)
-        logits = self.model.head(pooled)
+        maps = self.model(pixel_values)
+        logits = self.model.head(self.model.pool(maps[-1]))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        hidden_states = stage_maps if output_hidden_states else None
-        if not return_dict:
-            return tuple(v for v in (loss, logits, hidden_states) if v is not None)
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
+        output = ImageClassifierOutputWithNoAttention(
+            loss=loss, logits=logits, hidden_states=maps if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
@@ -427,7 +472,7 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
 
     Maps are those of ``MambaVisionModel`` (each level's output before its downsample); ``stem`` is the
     stem's output. Parameter names are the classifier's, so its checkpoints load; the classifier's final
-    norm and head are not part of the backbone.
+    norm and head are not built.
     """
 
     has_attentions = False  # windowed attention runs fused; its weights are not returned
@@ -438,19 +483,16 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
         if hasattr(self, "_init_backbone"):  # transformers < 5 sets the mixin up explicitly
             self._init_backbone(config)
         self.model = MambaVisionEncoder(config)
-        del self.model.norm  # applies to the pooled features only
         self.num_features = [config.dim, *config.hidden_sizes]  # channels per name in stage_names
         self.post_init()
 
-    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
-        self._check_pixel_values(pixel_values)
+    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None):
+        pixel_values = self._prepare_pixel_values(pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        maps = self.model.feature_maps(pixel_values)
+        maps = self.model(pixel_values)
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in self.out_features)
-        hidden_states = tuple(maps) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
+        output = BackboneOutput(feature_maps=feature_maps, hidden_states=maps if output_hidden_states else None)
+        return output if return_dict else output.to_tuple()

@@ -109,7 +109,7 @@ def test_fixture_converts_and_reproduces_original_outputs(name, tmp_path, capsys
         pixels = expected[f"input_{size}"]
         with torch.no_grad():
             logits = classifier.eval()(pixels).logits
-            pooled, stage_maps = backbone.eval()(pixels)
+            pooled, stage_maps = backbone.eval()(pixels, return_dict=False)
         assert_close_relative(logits, expected[f"logits_{size}"], what=f"{name} logits {size}")
         assert_close_relative(pooled, expected[f"pooled_{size}"], what=f"{name} pooled {size}")
         for i, stage_map in enumerate(stage_maps, start=1):

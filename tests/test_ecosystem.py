@@ -136,7 +136,7 @@ def test_image_feature_extraction_pipeline(folder, offline):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     image = sample_images()[1]
     with torch.no_grad():
-        pooled, _ = model(timm_eval_transform(model.config)(image)[None])
+        pooled = model(timm_eval_transform(model.config)(image)[None]).pooler_output
     features = extractor(image, return_tensors=True)
     assert features.shape == (1, model.config.num_features)
     torch.testing.assert_close(features, pooled, rtol=1e-5, atol=1e-6)
@@ -229,7 +229,7 @@ def test_auto_backbone_feature_maps(folder):
     pixels = torch.randn(2, 3, 72, 56)
     with torch.no_grad():
         output = backbone.eval()(pixels, output_hidden_states=True)
-        _, stage_maps = model(pixels)
+        _, stage_maps = model(pixels, return_dict=False)
         stem = model.model.patch_embed(pixels)
     assert type(output).__name__ == "BackboneOutput"
     assert [tuple(f.shape) for f in output.feature_maps] == [(2, dim, 18, 14), (2, 2 * dim, 9, 7), (2, 8 * dim, 3, 2)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, REFERENCE, assert_close_relative, configuration,
-                      load_fixture, modeling, needs_reference, needs_shared, tiny_config)
+                      load_fixture, modeling, needs_reference, needs_shared, randomize_batchnorm, tiny_config)
 from convert_checkpoint import config_from_architecture
 
 
@@ -22,7 +22,7 @@ def test_matches_original_outputs(name):
         pixels = expected[f"input_{size}"]
         with torch.no_grad():
             logits = classifier(pixels).logits
-            pooled, stage_maps = backbone(pixels)
+            pooled, stage_maps = backbone(pixels, return_dict=False)
         assert_close_relative(logits, expected[f"logits_{size}"], what=f"{name} logits {size}")
         assert_close_relative(pooled, expected[f"pooled_{size}"], what=f"{name} pooled {size}")
         assert len(stage_maps) == 4
@@ -61,27 +61,52 @@ def test_attention_blocks_follow_the_split_rule():
                      ["MambaVisionMixer", "MambaVisionAttention"]]
 
 
-def test_outputs_unpack_and_name():
+def test_model_output_is_a_mapping_and_unpacks_as_a_tuple():
     model = modeling.MambaVisionModel(tiny_config()).eval()
     pixels = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         out = model(pixels)
-        pooled, stage_maps = out
-        plain = model(pixels, return_dict=False)
-    assert pooled.shape == (2, 64) and out.pooler_output is pooled
-    assert [tuple(s.shape) for s in stage_maps] == [(2, 8, 16, 12), (2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
-    assert out.last_hidden_state is stage_maps[-1]
-    assert isinstance(plain, tuple) and len(plain) == 2
-    torch.testing.assert_close(plain[0], pooled)
+        pooled, stage_maps = model(pixels, return_dict=False)  # NVIDIA's usage
+    assert list(out) == ["pooler_output", "stage_maps"]  # ModelOutput's mapping contract: keys
+    assert out.pooler_output.shape == (2, 64)
+    assert [tuple(s.shape) for s in out.stage_maps] == [(2, 8, 16, 12), (2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
+    assert out.last_hidden_state is out.stage_maps[-1]
+    torch.testing.assert_close(pooled, out.pooler_output, rtol=0, atol=0)
+    for got, want in zip(stage_maps, out.stage_maps, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_classifier_outputs_and_hidden_states():
-    model = modeling.MambaVisionModelForImageClassification(tiny_config()).eval()
-    with torch.no_grad():
-        out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
-    assert out["logits"].shape == (2, 5)
-    assert len(out.hidden_states) == 4
-    assert model(torch.randn(1, 3, 32, 32)).hidden_states is None
+def test_hidden_states_are_the_stem_and_stage_maps_in_every_class():
+    config = tiny_config()
+    pixels = torch.randn(2, 3, 32, 32)
+    shapes = [(2, 8, 8, 8), (2, 8, 8, 8), (2, 16, 4, 4), (2, 32, 2, 2), (2, 64, 1, 1)]  # stem, stage1..4
+    for model_class in (modeling.MambaVisionModel, modeling.MambaVisionModelForImageClassification,
+                        modeling.MambaVisionBackbone):
+        model = model_class(config).eval()
+        with torch.no_grad():
+            assert model(pixels).hidden_states is None, model_class.__name__
+            hidden_states = model(pixels, output_hidden_states=True).hidden_states
+        assert [tuple(h.shape) for h in hidden_states] == shapes, model_class.__name__
+    assert modeling.MambaVisionModelForImageClassification(config)(pixels)["logits"].shape == (2, 5)
+
+
+def test_unknown_forward_arguments_are_refused():
+    with pytest.raises(TypeError, match="output_attention"):
+        modeling.MambaVisionModel(tiny_config())(torch.randn(1, 3, 32, 32), output_attention=True)
+
+
+def test_each_class_builds_only_what_it_uses():
+    config = tiny_config()
+    backbone = modeling.MambaVisionBackbone(config)
+    model = modeling.MambaVisionModel(config)
+    classifier = modeling.MambaVisionModelForImageClassification(config)
+    keys = [{k for k in m.state_dict() if k.startswith(("model.norm.", "model.head."))}
+            for m in (backbone, model, classifier)]
+    assert keys[0] == set()
+    assert {k.split(".")[1] for k in keys[1]} == {"norm"}
+    assert {k.split(".")[1] for k in keys[2]} == {"norm", "head"}
+    # the classifier's keys are a superset of the others': one checkpoint loads into all three
+    assert set(backbone.state_dict()) < set(model.state_dict()) < set(classifier.state_dict())
 
 
 def test_batch_equivalence():
@@ -194,6 +219,26 @@ def test_wrong_channel_count_is_refused():
         model(torch.randn(1, 1, 32, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_pixel_values_are_refused(dtype):
+    model = modeling.MambaVisionModelForImageClassification(tiny_config())
+    with pytest.raises(ValueError, match=f"floating-point pixel_values.*got {dtype}"):
+        model(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+@pytest.mark.parametrize("model_dtype,input_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                                     (torch.float32, torch.float16)])
+def test_float_inputs_are_cast_to_the_model_dtype(model_dtype, input_dtype):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(tiny_config())).eval()
+    pixels = torch.randn(2, 3, 32, 32).to(input_dtype)
+    with torch.no_grad():
+        expected = model.to(model_dtype)(pixels.to(model_dtype)).logits
+        logits = model(pixels).logits
+    assert logits.dtype == model_dtype
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
 @needs_shared
 def test_fold_batchnorm_keeps_outputs():
     config, state_dict, expected = load_fixture("tiny_layerscale")
@@ -206,6 +251,23 @@ def test_fold_batchnorm_keeps_outputs():
     assert_close_relative(logits, expected["logits_200x152"], rel=1e-4, what="folded logits")
     with pytest.raises(RuntimeError, match="eval-mode"):
         modeling.MambaVisionModel(config).train().fold_batchnorm()
+
+
+@needs_shared
+def test_fold_batchnorm_is_idempotent_and_guards_train_and_save(tmp_path):
+    config, state_dict, expected = load_fixture("tiny_plain")
+    model = modeling.MambaVisionModelForImageClassification(config).eval()
+    model.load_state_dict(state_dict)
+    model.fold_batchnorm().fold_batchnorm()
+    with torch.no_grad():
+        logits = model(expected["input_64x96"]).logits
+    assert_close_relative(logits, expected["logits_64x96"], rel=1e-4, what="folded twice")
+    model.eval()  # still allowed
+    with pytest.raises(RuntimeError, match="cannot train a model whose BatchNorms were folded"):
+        model.train()
+    with pytest.raises(RuntimeError, match="cannot save a model whose BatchNorms were folded"):
+        model.save_pretrained(tmp_path / "folded")
+    assert not (tmp_path / "folded").exists()
 
 
 def test_compiled_depthwise_taps_match_the_conv():

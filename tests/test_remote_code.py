@@ -26,7 +26,7 @@ def saved(tmp_path_factory):
     pixels = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         logits = model(pixels).logits
-        pooled, stage_maps = modeling.MambaVisionModel.from_pretrained(folder)(pixels)
+        pooled, stage_maps = modeling.MambaVisionModel.from_pretrained(folder)(pixels, return_dict=False)
     return folder, pixels, logits, pooled
 
 
@@ -63,7 +63,7 @@ backbone, info = AutoModel.from_pretrained(folder, trust_remote_code=True, outpu
 assert not info["missing_keys"] and not info["unexpected_keys"], info
 with torch.no_grad():
     torch.testing.assert_close(classifier.eval()(tensors["pixels"]).logits, tensors["logits"], rtol=0, atol=0)
-    pooled, stage_maps = backbone.eval()(tensors["pixels"])
+    pooled, stage_maps = backbone.eval()(tensors["pixels"], return_dict=False)
     torch.testing.assert_close(pooled, tensors["pooled"], rtol=0, atol=0)
 print("ok", transformers.__version__)
 """
