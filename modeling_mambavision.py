@@ -496,3 +496,17 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in self.out_features)
         output = BackboneOutput(feature_maps=feature_maps, hidden_states=maps if output_hidden_states else None)
         return output if return_dict else output.to_tuple()
+
+
+# The Hub folder's recipe: the classes each Auto* entry point loads with trust_remote_code (config.json holds
+# the config and model entries, preprocessor_config.json the image processor's), and the code files a folder
+# holds beside its weights: every model file and each file they import.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mambavision.MambaVisionConfig",
+    "AutoModel": "modeling_mambavision.MambaVisionModel",
+    "AutoModelForImageClassification": "modeling_mambavision.MambaVisionModelForImageClassification",
+    "AutoBackbone": "modeling_mambavision.MambaVisionBackbone",
+    "AutoImageProcessor": "image_processing_mambavision.MambaVisionImageProcessor",
+}
+HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
+             "image_processing_mambavision.py")
