@@ -60,7 +60,9 @@ def main(argv=None):
     folder = args.output_dir or DEFAULT_OUTPUT
     command = ["--variant", digits.VARIANT, "--checkpoint", shown(digits.CHECKPOINT), "--output-dir",
                shown(folder), "--verify", *(["--overwrite"] if args.output_dir is None else [])]
-    print(f"$ python convert_checkpoint.py {shlex.join(command)}")
+    python = Path(sys.executable).absolute()  # as run: .venv/bin/python, not the interpreter it links to
+    print(f"$ {python.relative_to(Path.cwd()) if python.is_relative_to(Path.cwd()) else python} convert_checkpoint.py "
+          f"{shlex.join(command)}")
     status = convert_checkpoint.main(command)
     if status:
         return status

@@ -22,22 +22,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 import digits
 from mambavision_tools import model_code
-from convert_checkpoint import build_config, rename_key
+from mambavision_tools.checkpoints import original_state_dict
+from mambavision_tools.configs import build_config
 from mambavision_tools.variants import PROJECT_VARIANTS
 
 STATS_TOLERANCE = 5e-4  # the variant stores the dataset's mean/std to 4 decimals
-
-
-def original_state_dict(model):
-    """The model's tensors under their original checkpoint names: for each name, the one that the converter's
-    ``rename_key`` (its ``KEY_RENAMES`` table) turns into it."""
-    state_dict = {}
-    for key, tensor in model.state_dict().items():
-        original = next((key[i:] for i in range(len(key)) if rename_key(key[i:]) == key), None)
-        if original is None:
-            raise ValueError(f"the converter's KEY_RENAMES produce no name {key!r}")
-        state_dict[original] = tensor.detach().clone()
-    return state_dict
 
 
 def image_processor(config):
@@ -94,7 +83,8 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = output_dir / digits.CHECKPOINT.name
     epoch = round(trainer.state.epoch)
-    torch.save({"state_dict": original_state_dict(model.eval()), "epoch": epoch}, checkpoint)
+    weights = {key: tensor.detach().clone() for key, tensor in model.eval().state_dict().items()}
+    torch.save({"state_dict": original_state_dict(weights), "epoch": epoch}, checkpoint)  # the original names
     fields = {**variant.architecture, **variant.preprocessing}
     (output_dir / digits.CONFIG.name).write_text(json.dumps(fields, indent=2) + "\n")
     print(f"trained {trainer.state.global_step} steps ({epoch} epochs) in {minutes:.1f} min; held-out accuracy "

@@ -11,9 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, where the model files live
 PACKAGE = "mambavision_hub_code"
-# The files a model folder needs next to its weights (copied by the converter).
-MODEL_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
-               "image_processing_mambavision.py")
 
 
 def load(module="modeling_mambavision"):

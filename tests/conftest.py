@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 from mambavision_tools import model_code  # noqa: E402
-from convert_checkpoint import config_from_architecture, convert_state_dict  # noqa: E402
+from mambavision_tools.checkpoints import convert_state_dict  # noqa: E402
+from mambavision_tools.configs import config_from_architecture  # noqa: E402
 
 SHARED = Path(os.environ.get("MAMBAVISION_SHARED", ROOT.parent / "shared"))  # the team's reference folder
 FIXTURES = SHARED / "fixtures"

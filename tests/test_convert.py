@@ -1,11 +1,16 @@
 """convert_checkpoint.py: original checkpoints to Hub-ready folders, refusal of bad input, model card, push."""
 
 import json
+import math
 import os
 import pickle
+import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import zipfile
 from unittest import mock
 
 import pytest
@@ -13,16 +18,20 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.data import ImageNetInfo
 from transformers import AutoModel, AutoModelForImageClassification
+from transformers import modeling_utils
 
-import convert_checkpoint
-from mambavision_tools import model_code
+from mambavision_tools import conversion, model_code, publishing, variants
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
-from mambavision_tools.variants import VARIANTS, Variant
+from mambavision_tools.checkpoints import convert_state_dict, original_key, original_state_dict, rename_key
+from mambavision_tools.configs import MAX_PARAMETERS, build_config, parameter_count
+from mambavision_tools.hub_folder import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP
+from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
 TINY_ARCHITECTURE = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
                          mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5)
@@ -140,7 +149,7 @@ def test_variant_table_matches_reference(name):
     for field in ("crop_pct", "crop_mode", "interpolation"):
         assert getattr(variant, field) == preprocessing[field], field
     assert list(variant.mean) == pytest.approx(preprocessing["mean"]) and list(variant.std) == pytest.approx(preprocessing["std"])
-    config = convert_checkpoint.build_config(variant)
+    config = build_config(variant)
     with torch.device("meta"):
         num_params = sum(p.numel() for p in modeling.MambaVisionModelForImageClassification(config).parameters())
     assert num_params == spec["num_params"]
@@ -152,11 +161,11 @@ def test_variant_table_matches_reference(name):
 def test_every_variant_accepts_its_original_layout(name):
     """Key/shape level for all variants: the original layout checks and loads strictly."""
     variant = VARIANTS[name]
-    config = convert_checkpoint.build_config(variant)
+    config = build_config(variant)
     layout = json.loads((REFERENCE / "checkpoint_layout" / f"{_layout_name(variant)}.json").read_text())
     shapes = {key: shape for key, (_, shape) in layout.items()}
-    state_dict = {f"module.{key}": torch.empty(shape, device="meta") for key, shape in shapes.items()}
-    model = convert_checkpoint.build_model(config, state_dict, name)
+    state_dict = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    model = conversion.build_model(config, state_dict, name)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {f"model.{k}": tuple(s) for k, s in shapes.items()}
     assert config.num_labels == 1000 and config.id2label[0] == ImageNetInfo("imagenet-1k").label_descriptions()[0]
 
@@ -164,7 +173,7 @@ def test_every_variant_accepts_its_original_layout(name):
 @pytest.mark.parametrize("name", END_TO_END)
 def test_variant_converts_end_to_end(name, tmp_path, capsys):
     variant = VARIANTS[name]
-    source = random_original_state_dict(convert_checkpoint.build_config(variant))
+    source = random_original_state_dict(build_config(variant))
     checkpoint = tmp_path / variant.checkpoint
     torch.save({"state_dict": source, "epoch": 3}, checkpoint)
     folder = tmp_path / name
@@ -175,13 +184,14 @@ def test_variant_converts_end_to_end(name, tmp_path, capsys):
     assert "verified: outputs at" in out
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["MambaVisionModelForImageClassification"]
-    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(config["auto_map"])
+    assert config["auto_map"] == CONFIG_AUTO_MAP  # the recipe's config and model entries
+    assert json.loads((folder / "preprocessor_config.json").read_text())["auto_map"] == PROCESSOR_AUTO_MAP
     labels = ImageNetInfo("imagenet-1k").label_descriptions()
     assert config["id2label"] == {str(i): label for i, label in enumerate(labels)}
     assert config["label2id"] == {label: i for i, label in enumerate(labels)}
     for field, value in variant.preprocessing.items():
         assert config[field] == value, field
-    for file in model_code.MODEL_FILES:
+    for file in modeling.HUB_FILES:
         assert (folder / file).read_text() == (ROOT / file).read_text()
     if "--max-shard-size" in extra:
         index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -312,10 +322,45 @@ def test_refuses_non_empty_output_dir_unless_overwrite(tiny, capsys):
     (existing / "keep.txt").write_text("mine")
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], ["model"], "not empty", "--overwrite")
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
-    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--overwrite"), capsys)
+    # --overwrite replaces converted folders only; --force-overwrite replaces anything
+    assert_refused(*run(tiny["argv"](tiny["checkpoint"], "--overwrite"), capsys)[::2], tiny["out"], ["model"],
+                   "holds no MambaVision config.json", "--force-overwrite")
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--force-overwrite"), capsys)
     assert status == 0, err
     assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
     assert sorted(p.name for p in tiny["out"].iterdir()) == ["model"]
+
+
+def test_overwrite_replaces_a_converted_folder(tiny, capsys):
+    folder = tiny["out"] / "model"
+    assert run(tiny["argv"](), capsys)[0] == 0
+    torch.save({"state_dict": random_original_state_dict(tiny_config(num_labels=5, layer_scale=0.5), seed=1)},
+               tiny["checkpoint"])
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--overwrite"), capsys)
+    assert status == 0, err
+    assert sorted(p.name for p in tiny["out"].iterdir()) == ["model"]
+    written = load_file(folder / "model.safetensors")
+    assert torch.equal(written["model.head.weight"], torch.load(tiny["checkpoint"])["state_dict"]["head.weight"])
+
+
+@pytest.mark.parametrize("intruder", ["notes.txt", "original.pth.tar", "data/"])
+def test_overwrite_refuses_to_delete_what_it_did_not_write(intruder, tiny, capsys):
+    folder = tiny["out"] / "model"
+    assert run(tiny["argv"](), capsys)[0] == 0
+    if intruder.endswith("/"):
+        (folder / intruder).mkdir()
+    else:
+        (folder / intruder).write_bytes(tiny["checkpoint"].read_bytes())
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    checkpoint = folder / intruder if intruder.endswith(".pth.tar") else tiny["checkpoint"]
+    status, out, err = run(tiny["argv"](checkpoint, "--overwrite"), capsys)
+    reason = "holds the input checkpoint" if checkpoint.parent == folder else f"does not write: {intruder}"
+    assert_refused(status, err, tiny["out"], ["model"], reason, "--force-overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # untouched
+    status, out, err = run(tiny["argv"](checkpoint, "--force-overwrite"), capsys)
+    assert status == 0, err
+    assert not (folder / intruder.rstrip("/")).exists() and (folder / "model.safetensors").is_file()
 
 
 def test_refuses_unknown_config_field(tiny, capsys):
@@ -341,12 +386,12 @@ def test_failed_write_leaves_nothing(tiny, monkeypatch, capsys):
         (folder / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_checkpoint, "save_model_folder", fail_midway)
+    monkeypatch.setattr(conversion, "save_model_folder", fail_midway)
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "No space left on device")
 
 
 def test_verify_catches_a_folder_that_does_not_reproduce(tiny, monkeypatch, capsys):
-    save = convert_checkpoint.save_model_folder
+    save = conversion.save_model_folder
 
     def save_then_corrupt(model, folder, max_shard_size):
         save(model, folder, max_shard_size)
@@ -354,9 +399,278 @@ def test_verify_catches_a_folder_that_does_not_reproduce(tiny, monkeypatch, caps
         weights["model.head.bias"] = weights["model.head.bias"] + 1.0
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
-    monkeypatch.setattr(convert_checkpoint, "save_model_folder", save_then_corrupt)
+    monkeypatch.setattr(conversion, "save_model_folder", save_then_corrupt)
     assert_refused(*run(tiny["argv"](tiny["checkpoint"], "--verify"), capsys)[::2], tiny["out"], [],
-                   "verification failed: logits")
+                   "verification failed: the reloaded folder's logits differ by")
+
+
+def test_verify_names_non_finite_outputs_as_such(tiny, capsys):
+    huge = {"norm.bias": torch.full((64,), 1e30), "head.weight": torch.full((5, 64), 1e30)}  # finite; logits are not
+    state_dict = {**tiny["state_dict"], **huge}
+    torch.save({"state_dict": state_dict}, tiny["checkpoint"])
+    status, out, err = run(tiny["argv"](tiny["checkpoint"], "--verify"), capsys)
+    assert_refused(status, err, tiny["out"], [],
+                   "verification failed: the converted model's logits hold NaN or infinite values")
+    assert "differ by nan" not in err
+
+
+# --- tampered and non-finite checkpoints ------------------------------------------------------------------------
+
+
+def _largest_record(archive):
+    return max(archive.infolist(), key=lambda info: info.file_size)
+
+
+def cut_largest_record_in_half(path):
+    """Rewrite the zip with its largest record halved: every CRC matches, only the record's size is wrong."""
+    with zipfile.ZipFile(path) as archive:
+        largest = _largest_record(archive).filename
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in records:
+            archive.writestr(info, data[: len(data) // 2] if info.filename == largest else data)
+    return largest
+
+
+def flip_bytes_in_largest_record(path, count=64):
+    """Invert ``count`` bytes inside the largest record, in place (its CRC-32 no longer matches)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = _largest_record(archive)
+    header = info.header_offset  # local header: 30 bytes, then the name and the extra field
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + int.from_bytes(
+        data[header + 28:header + 30], "little") + info.file_size // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+@pytest.mark.parametrize("damage", ["cut_in_half", "bytes_flipped"])
+def test_refuses_tampered_checkpoint(damage, tiny, capsys):
+    path = tiny["checkpoint"]
+    if damage == "cut_in_half":
+        cut_largest_record_in_half(path)
+        fragments = ["the file is damaged or truncated", "record size"]
+    else:
+        record = flip_bytes_in_largest_record(path)
+        fragments = [f"record '{record}' fails its CRC-32 check"]
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], f"cannot read {path}", *fragments)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "all_nan"])
+def test_refuses_non_finite_weights(value, tiny, capsys):
+    name = "levels.2.blocks.0.mlp.fc1.weight"
+    weight = tiny["state_dict"][name].clone()  # (64, 32)
+    if value == "all_nan":
+        weight.fill_(math.nan)
+    else:
+        weight[0, 0] = float(value)
+    torch.save({"state_dict": {**tiny["state_dict"], name: weight}}, tiny["checkpoint"])
+    count = "2,048 NaN" if value == "all_nan" else ("1 NaN" if value == "nan" else "1 infinite")
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], str(tiny["checkpoint"]), "non-finite",
+                   f"{name} ({count} of 2,048)")
+
+
+# --- atomic folders: signals, killed runs, a second converter, full disks ------------------------------------
+
+# The converter's command line in a child process that pauses at a chosen moment (printing PAUSED), so that a test
+# can signal it there: "writing" (the folder half-written) or "renaming" (an old folder moved aside, the new one
+# not yet in its place).
+PAUSING_CONVERTER = """
+import sys, time
+from pathlib import Path
+import convert_checkpoint
+from mambavision_tools import conversion
+
+moment, argv = sys.argv[1], sys.argv[2:]
+
+def pause(seconds):
+    print("PAUSED", flush=True)
+    time.sleep(seconds)
+
+if moment == "writing":
+    save = conversion.save_model_folder
+    def save_and_pause(model, folder, **kwargs):
+        save(model, folder, **kwargs)
+        pause(120)
+    conversion.save_model_folder = save_and_pause
+else:
+    rename = Path.rename
+    def rename_and_pause(self, target):
+        moved = rename(self, target)
+        if str(target).endswith(".replaced"):
+            pause(5)  # SIGINT and SIGTERM wait for the renames; SIGKILL does not
+        return moved
+    Path.rename = rename_and_pause
+sys.exit(convert_checkpoint.main(argv))
+"""
+
+
+def start_paused(argv, moment):
+    child = subprocess.Popen([sys.executable, "-c", PAUSING_CONVERTER, moment, *map(str, argv)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.strip() == "PAUSED":
+            return child
+    child.wait()
+    raise AssertionError(f"the converter never paused: {child.stderr.read()}")
+
+
+def names(folder):
+    return sorted(path.name for path in folder.iterdir())
+
+
+def contents(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.fixture
+def converted(tiny, capsys):
+    """``tiny`` with its folder converted once (``before``: its files), and a different checkpoint to replace it."""
+    assert run(tiny["argv"](), capsys)[0] == 0
+    before = contents(tiny["out"] / "model")
+    replacement = random_original_state_dict(tiny_config(num_labels=5, layer_scale=0.5), seed=1)
+    torch.save({"state_dict": replacement}, tiny["checkpoint"])
+    return {**tiny, "before": before, "replacement": replacement}
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_writing_keeps_the_old_folder_and_leaves_nothing(signal_number, converted):
+    child = start_paused(converted["argv"](converted["checkpoint"], "--overwrite"), "writing")
+    assert set(names(converted["out"])) == {".model.lock", f".model.{child.pid}.partial", "model"}
+    child.send_signal(signal_number)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal_number
+    assert err == f"error: interrupted by {signal.Signals(signal_number).name}\n"
+    assert names(converted["out"]) == ["model"]
+    assert contents(converted["out"] / "model") == converted["before"]
+
+
+def test_next_run_removes_what_a_killed_run_left(tiny, capsys):
+    child = start_paused(tiny["argv"](), "writing")
+    child.kill()  # SIGKILL: no cleanup at all
+    child.communicate(timeout=60)
+    staging = f".model.{child.pid}.partial"
+    assert set(names(tiny["out"])) == {".model.lock", staging}
+    status, out, err = run(tiny["argv"](), capsys)
+    assert status == 0, err
+    assert f"removed {staging}, left by an interrupted conversion" in out
+    assert names(tiny["out"]) == ["model"]
+
+
+def test_kill_between_the_final_renames_loses_no_folder(converted, capsys):
+    child = start_paused(converted["argv"](converted["checkpoint"], "--overwrite"), "renaming")
+    child.kill()
+    child.communicate(timeout=60)
+    assert "model" not in names(converted["out"])  # moved aside, the new one not yet in place
+    status, out, err = run(converted["argv"](), capsys)  # the next run puts the old one back, then refuses
+    assert_refused(status, err, converted["out"], ["model"], "is not empty")
+    assert "restored model from" in out
+    assert contents(converted["out"] / "model") == converted["before"]
+
+
+def test_sigterm_between_the_final_renames_waits_for_them(converted):
+    child = start_paused(converted["argv"](converted["checkpoint"], "--overwrite"), "renaming")
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM and err == "error: interrupted by SIGTERM\n"
+    assert names(converted["out"]) == ["model"]  # the replacement completed, then the run stopped
+    written = load_file(converted["out"] / "model" / "model.safetensors")
+    assert torch.equal(written["model.head.weight"], converted["replacement"]["head.weight"])
+
+
+def test_second_converter_on_the_same_folder_refuses(tiny, monkeypatch, capsys):
+    save = conversion.save_model_folder
+    second = []
+
+    def save_and_start_another(model, folder, **kwargs):
+        save(model, folder, **kwargs)
+        second.append(main([str(a) for a in tiny["argv"]()]))  # while the first holds the lock
+
+    monkeypatch.setattr(conversion, "save_model_folder", save_and_start_another)
+    status, out, err = run(tiny["argv"](), capsys)
+    assert status == 0 and second == [1]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: another conversion (pid {os.getpid()}) is writing")
+    assert names(tiny["out"]) == ["model"]
+
+
+def test_disk_full_while_writing_weights_is_one_line(tiny, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full)
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "cannot write the model folder",
+                   "No space left on device")
+
+
+def test_a_write_the_system_refuses_is_one_line(tiny):
+    """A real failing write: the child may not write files over 64 KiB (the weights are larger)."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    result = subprocess.run([sys.executable, "convert_checkpoint.py", *map(str, tiny["argv"]())], cwd=ROOT,
+                            preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert re.fullmatch(r"error: cannot write the model folder: .*File too large.*\n", result.stderr), result.stderr
+    assert names(tiny["out"]) == []
+
+
+# --- config validation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("dim", 10**9, f"parameters, more than the converter's bound of {MAX_PARAMETERS:,}"),
+    ("depths", [1, 1, 10**7, 2], "invalid depths"),
+    ("mean", [0.5, 0.5], "invalid mean"),
+    ("std", [0, 0.2, 0.2], "invalid std"),
+    ("interpolation", "cubic", "invalid interpolation"),
+    ("mlp_ratio", "4", "invalid mlp_ratio"),
+    ("crop_pct", -0.5, "invalid crop_pct"),
+    ("image_size", 10**9, "invalid image_size"),
+    ("window_size", [4, 4, 0, 2], "invalid window_size"),
+    ("num_heads", [1, 1, 3, 4], "num_heads[2]=3"),  # the config's own check: heads divide the width
+    ("id2label", {"0": "a", "2": "b"}, "invalid id2label"),
+])
+def test_refuses_invalid_config_values(field, value, fragment, tiny, capsys):
+    tiny["config"].write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 5, field: value}))
+    tiny["checkpoint"].unlink()  # refused before any checkpoint is read
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], fragment, str(tiny["config"]))
+
+
+def _variant_configs():
+    configs = {name: build_config(variant) for name, variant in {**VARIANTS, **PROJECT_VARIANTS}.items()}
+    configs["every option"] = tiny_config(depths=[2, 0, 5, 4], layer_scale=1e-5, layer_scale_conv=1e-6, expand=2,
+                                          d_conv=4, d_state=16, mlp_ratio=3.5, num_channels=1, num_labels=0)
+    return configs
+
+
+@pytest.mark.parametrize("name, config", _variant_configs().items(), ids=list(_variant_configs()))
+def test_parameter_count_is_the_models(name, config):
+    with torch.device("meta"):
+        model = modeling.MambaVisionModelForImageClassification(config)
+    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+
+
+# --- the library: key renames and the Hub folder's recipe -------------------------------------------------------
+
+
+def test_key_renames_invert_exactly(tiny):
+    converted = convert_state_dict(tiny["state_dict"])
+    assert all(rename_key(original_key(key)) == key for key in converted)
+    assert original_state_dict(converted) == tiny["state_dict"]
+    with pytest.raises(KeyError, match="not a name that KEY_RENAMES produces"):
+        original_key("head.weight")
+
+
+def test_hub_files_hold_every_module_they_import():
+    for name in modeling.HUB_FILES:
+        imported = re.findall(r"^\s*from \.(\w+) import", (ROOT / name).read_text(), flags=re.MULTILINE)
+        assert {f"{module}.py" for module in imported} <= set(modeling.HUB_FILES), name
+    for entry in modeling.AUTO_MAP.values():
+        module, cls = entry.split(".")
+        assert f"{module}.py" in modeling.HUB_FILES and hasattr(model_code.load(module), cls), entry
 
 
 # --- download, --all, listing ---------------------------------------------------------------------------------
@@ -370,7 +684,7 @@ def tiny_variants(tmp_path):
     for i, (name, layer_scale) in enumerate((("Tiny-A", None), ("Tiny-B", 0.5))):
         architecture = {**TINY_ARCHITECTURE, "layer_scale": layer_scale, "num_labels": 3}
         variant = Variant(name, f"someone/{name}", f"{name.lower()}.pth.tar", architecture, imagenet_labels=False)
-        config = convert_checkpoint.build_config(variant)
+        config = build_config(variant)
         torch.save({"state_dict": random_original_state_dict(config, seed=i)}, originals / variant.checkpoint)
         entries[name] = variant
     return entries, originals
@@ -384,8 +698,8 @@ def test_downloads_the_original_file_when_no_checkpoint_given(tmp_path, monkeypa
         calls.append((repo_id, filename))
         return str(originals / filename)
 
-    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
-    monkeypatch.setattr(convert_checkpoint, "hf_hub_download", fake_download)
+    monkeypatch.setattr(variants, "VARIANTS", entries)
+    monkeypatch.setattr(conversion, "hf_hub_download", fake_download)
     status, out, err = run(["--variant", "Tiny-B", "--output-dir", tmp_path / "out"], capsys)
     assert status == 0, err
     assert calls == [("someone/Tiny-B", "tiny-b.pth.tar")]
@@ -397,7 +711,7 @@ def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot "
                                       "find the requested files in the local cache.\nCheck your connection.")
 
-    monkeypatch.setattr(convert_checkpoint, "hf_hub_download", offline)
+    monkeypatch.setattr(conversion, "hf_hub_download", offline)
     status, out, err = run(["--variant", "MambaVision-T-1K", "--output-dir", tmp_path / "out"], capsys)
     assert_refused(status, err, tmp_path, [], "could not download mambavision_tiny_1k.pth.tar",
                    "nvidia/MambaVision-T-1K", "--checkpoint")
@@ -405,7 +719,7 @@ def test_download_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 def test_all_converts_every_entry(tmp_path, monkeypatch, capsys):
     entries, originals = tiny_variants(tmp_path)
-    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    monkeypatch.setattr(variants, "VARIANTS", entries)
     status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
     assert status == 0, err
     assert "[1/2] Tiny-A" in out and "[2/2] Tiny-B" in out
@@ -420,7 +734,7 @@ def test_all_converts_every_entry(tmp_path, monkeypatch, capsys):
 def test_all_checks_every_file_before_converting(tmp_path, monkeypatch, capsys):
     entries, originals = tiny_variants(tmp_path)
     (originals / "tiny-b.pth.tar").unlink()
-    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    monkeypatch.setattr(variants, "VARIANTS", entries)
     (tmp_path / "hub").mkdir()
     status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
     assert_refused(status, err, tmp_path / "hub", [], "tiny-b.pth.tar")
@@ -429,7 +743,7 @@ def test_all_checks_every_file_before_converting(tmp_path, monkeypatch, capsys):
 def test_all_names_the_variant_that_fails(tmp_path, monkeypatch, capsys):
     entries, originals = tiny_variants(tmp_path)
     (originals / "tiny-b.pth.tar").write_bytes((originals / "tiny-a.pth.tar").read_bytes())  # lacks the gammas
-    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    monkeypatch.setattr(variants, "VARIANTS", entries)
     (tmp_path / "hub").mkdir()
     status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub"], capsys)
     assert_refused(status, err, tmp_path / "hub", ["Tiny-A"], "Tiny-B: the checkpoint does not fit Tiny-B", "missing")
@@ -438,18 +752,20 @@ def test_all_names_the_variant_that_fails(tmp_path, monkeypatch, capsys):
 def test_list_variants(capsys):
     status, out, err = run(["--list-variants"], capsys)
     assert status == 0
-    assert [line.split()[0] for line in out.splitlines()] == list(VARIANTS)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [*VARIANTS, *PROJECT_VARIANTS]  # every name --variant takes
     assert len(VARIANTS) == 11
+    assert "trained in this repository" in lines[-1] and "not part of --all" in lines[-1]
 
 
 # --- model card ----------------------------------------------------------------------------------------------
 
 
 def _render(variant, repo_id):
-    config = convert_checkpoint.build_config(variant)
+    config = build_config(variant)
     with torch.device("meta"):
         model = modeling.MambaVisionModelForImageClassification(config)
-    return ModelCard(str(convert_checkpoint.render_model_card(variant, model, repo_id))), model
+    return ModelCard(str(publishing.render_model_card(variant, model, repo_id))), model
 
 
 @pytest.mark.parametrize("name", ["MambaVision-T-1K", "MambaVision-L3-512-21K"])
@@ -512,7 +828,7 @@ class FakeHfApi:
 @pytest.fixture
 def fake_hub(monkeypatch):
     monkeypatch.setattr(FakeHfApi, "calls", [])
-    monkeypatch.setattr(convert_checkpoint, "HfApi", FakeHfApi)
+    monkeypatch.setattr(publishing, "HfApi", FakeHfApi)
     return FakeHfApi
 
 
@@ -522,7 +838,7 @@ def test_push_creates_repo_and_uploads_the_folder(tiny, fake_hub, capsys):
                                         "--token", "hf_secret", "--commit-message", "Add tiny", "--revision", "v1"), capsys)
     assert status == 0, err
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    assert {"config.json", "model.safetensors", "README.md", *model_code.MODEL_FILES} <= set(files)
+    assert {"config.json", "model.safetensors", "README.md", *modeling.HUB_FILES} <= set(files)
     assert fake_hub.calls == [
         ("HfApi", {"token": "hf_secret"}),
         ("create_repo", {"repo_id": "someone/tiny-mv", "repo_type": "model", "private": True, "exist_ok": True}),
@@ -574,7 +890,7 @@ def test_push_publishes_an_existing_folder(tiny, fake_hub, capsys):
 
 def test_all_pushes_each_variant_under_the_owner(tmp_path, monkeypatch, fake_hub, capsys):
     entries, originals = tiny_variants(tmp_path)
-    monkeypatch.setattr(convert_checkpoint, "VARIANTS", entries)
+    monkeypatch.setattr(variants, "VARIANTS", entries)
     status, out, err = run(["--all", "--checkpoint-dir", originals, "--output-dir", tmp_path / "hub",
                             "--push-to-hub", "someone"], capsys)
     assert status == 0, err

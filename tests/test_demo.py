@@ -17,11 +17,12 @@ import yaml
 from huggingface_hub import ModelCard
 from transformers import pipeline
 
-import convert_checkpoint
 import digits
 import train_digits
 from conftest import ROOT, modeling
 from convert_checkpoint import main
+from mambavision_tools.checkpoints import convert_state_dict
+from mambavision_tools.configs import build_config, get_variant, variant_from_config_file
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 VARIANT = PROJECT_VARIANTS[digits.VARIANT]
@@ -48,20 +49,20 @@ def test_shipped_checkpoint_is_a_small_original_checkpoint():
     assert digits.CHECKPOINT.stat().st_size < 4 * 2**20
     checkpoint = torch.load(digits.CHECKPOINT, map_location="cpu", weights_only=True)
     assert set(checkpoint) == {"state_dict", "epoch"} and checkpoint["epoch"] == 20
-    config = convert_checkpoint.build_config(VARIANT)
+    config = build_config(VARIANT)
     with torch.device("meta"):
         expected = modeling.MambaVisionModelForImageClassification(config).state_dict()
     assert not any(key.startswith(("model.", "module.")) for key in checkpoint["state_dict"])
-    assert set(convert_checkpoint.convert_state_dict(checkpoint["state_dict"])) == set(expected)
+    assert set(convert_state_dict(checkpoint["state_dict"])) == set(expected)
     # its config file describes the same model through --config
-    from_file = convert_checkpoint.build_config(convert_checkpoint.variant_from_config_file(digits.CONFIG, "x"))
+    from_file = build_config(variant_from_config_file(digits.CONFIG, "x"))
     assert from_file.to_dict() == config.to_dict()
 
 
 def test_variant_is_found_by_name_but_not_among_nvidias():
-    assert convert_checkpoint.get_variant(digits.VARIANT) is VARIANT
-    assert digits.VARIANT not in VARIANTS  # --all and --list-variants cover NVIDIA's checkpoints
-    config = convert_checkpoint.build_config(VARIANT)
+    assert get_variant(digits.VARIANT) is VARIANT
+    assert digits.VARIANT not in VARIANTS  # --all converts NVIDIA's checkpoints
+    config = build_config(VARIANT)
     assert config.id2label == {i: str(i) for i in range(10)} and config.label2id == {str(i): i for i in range(10)}
 
 
@@ -69,7 +70,7 @@ def test_preprocessing_facts_are_the_training_images_own(converted):
     images, _ = digits.load_split("train")
     processor_config = json.loads((converted / "preprocessor_config.json").read_text())["pretrained_cfg"]
     assert processor_config["input_size"] == [3, 64, 64]
-    processor = train_digits.image_processor(convert_checkpoint.build_config(VARIANT))
+    processor = train_digits.image_processor(build_config(VARIANT))
     mean, std = digits.pixel_stats(images, processor)
     np.testing.assert_allclose(processor_config["mean"], mean, atol=train_digits.STATS_TOLERANCE)
     np.testing.assert_allclose(processor_config["std"], std, atol=train_digits.STATS_TOLERANCE)

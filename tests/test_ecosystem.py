@@ -19,7 +19,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
 from conftest import ROOT, configuration, modeling, randomize_batchnorm
-from convert_checkpoint import save_model_folder
+from mambavision_tools.hub_folder import save_model_folder
 
 TF4_SITE = os.environ.get("MAMBAVISION_TF4_SITE", str(ROOT / ".tf457"))
 # the preprocessing of two published variants: MambaVision-T2-1K and MambaVision-L3-512-21K

@@ -7,7 +7,7 @@ import torch
 
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, REFERENCE, assert_close_relative, configuration,
                       load_fixture, modeling, needs_reference, needs_shared, randomize_batchnorm, tiny_config)
-from convert_checkpoint import config_from_architecture
+from mambavision_tools.configs import config_from_architecture
 
 
 @needs_shared

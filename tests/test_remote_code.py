@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
-from convert_checkpoint import save_model_folder
+from mambavision_tools.hub_folder import save_model_folder
 
 # transformers 4.57 installed with `pip install --target` (see .ci/run); the check runs it in a subprocess
 TF4_SITE = os.environ.get("MAMBAVISION_TF4_SITE", str(ROOT / ".tf457"))

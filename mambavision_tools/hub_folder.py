@@ -1,0 +1,53 @@
+"""A Hub model folder: config, safetensors weights, the model code and the image processor, so that it loads with
+``trust_remote_code``. What it holds is the recipe at the end of ``modeling_mambavision.py`` (``AUTO_MAP``,
+``HUB_FILES``); this module writes it, and recognises a folder written so (what ``--overwrite`` may replace)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from . import model_code
+
+modeling = model_code.load("modeling_mambavision")
+PROCESSOR_AUTO_CLASSES = ("AutoImageProcessor",)  # in preprocessor_config.json; the rest go in config.json
+CONFIG_AUTO_MAP = {name: path for name, path in modeling.AUTO_MAP.items() if name not in PROCESSOR_AUTO_CLASSES}
+PROCESSOR_AUTO_MAP = {name: modeling.AUTO_MAP[name] for name in PROCESSOR_AUTO_CLASSES}
+PROCESSOR_CONFIG = "preprocessor_config.json"
+CARD = "README.md"
+# what save_model_folder and the card write, beside HUB_FILES (weights: one file, or shards and their index)
+FOLDER_FILES = re.compile(r"config\.json|preprocessor_config\.json|README\.md|model(-\d+-of-\d+)?\.safetensors"
+                          r"|model\.safetensors\.index\.json")
+
+
+def save_model_folder(model, folder, max_shard_size="2GB"):
+    """``save_pretrained`` plus the model code, the ``auto_map`` entries and the image processor of the config's
+    preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code."""
+    folder = Path(folder)
+    model.config.auto_map = dict(CONFIG_AUTO_MAP)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(model.config)
+    processor.save_pretrained(folder)
+    settings_file = folder / PROCESSOR_CONFIG
+    settings = json.loads(settings_file.read_text())
+    if settings.get("auto_map") != PROCESSOR_AUTO_MAP:
+        settings["auto_map"] = dict(PROCESSOR_AUTO_MAP)
+        settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
+        shutil.copy2(model_code.ROOT / name, folder / name)
+
+
+def is_model_folder(folder):
+    """Whether ``folder`` holds a MambaVision ``config.json`` (a converted folder, or one saved by transformers)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "mambavision"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def files_not_written_here(folder):
+    """Entries of ``folder`` that converting does not write (sub-folders end in ``/``): what must not be deleted
+    in passing."""
+    ours = set(modeling.HUB_FILES)
+    return [entry.name + ("/" if entry.is_dir() else "") for entry in sorted(Path(folder).iterdir())
+            if entry.is_symlink() or not entry.is_file() or not (entry.name in ours or FOLDER_FILES.fullmatch(entry.name))]
