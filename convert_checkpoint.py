@@ -174,6 +174,9 @@ def main(argv=None):
     except OSError as error:  # permissions, a full disk outside the writing step, ...
         print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
+    except Exception as error:  # a failure no check foresaw: still one line (the library raises it in full)
+        print(f"error: unexpected {type(error).__name__}: {first_line(error)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -390,6 +390,15 @@ def test_failed_write_leaves_nothing(tiny, monkeypatch, capsys):
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "No space left on device")
 
 
+def test_unexpected_failure_is_one_line_too(tiny, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("something no check foresaw\nwith details")
+
+    monkeypatch.setattr(conversion, "build_model", broken)
+    assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [],
+                   "unexpected RuntimeError: something no check foresaw")
+
+
 def test_verify_catches_a_folder_that_does_not_reproduce(tiny, monkeypatch, capsys):
     save = conversion.save_model_folder
 
