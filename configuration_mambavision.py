@@ -8,12 +8,13 @@ files load unchanged. Defaults describe MambaVision-T.
 from timm.data import ImageNetInfo
 from transformers import PretrainedConfig
 
+from .selective_scan import SCAN_BACKENDS
+
 try:  # transformers >= 5
     from transformers.backbone_utils import BackboneConfigMixin
 except ImportError:
     from transformers.utils.backbone_utils import BackboneConfigMixin, get_aligned_output_features_output_indices
 
-SCAN_BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 CROP_MODES = ("center", "squash")
 NUM_LEVELS = 4
 STAGE_NAMES = ["stem"] + [f"stage{i}" for i in range(1, NUM_LEVELS + 1)]
@@ -150,7 +151,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"MambaVisionConfig: `{name}` must be a number or None, got {value!r}")
-        if self.scan_backend not in SCAN_BACKENDS:
-            raise ValueError(f"MambaVisionConfig: `scan_backend` must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        if self.scan_backend != "auto" and self.scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"MambaVisionConfig: `scan_backend` must be 'auto' or one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"MambaVisionConfig: `crop_mode` must be one of {CROP_MODES}, got {self.crop_mode!r}")
