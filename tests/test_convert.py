@@ -29,7 +29,7 @@ from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, a
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
 from mambavision_tools.checkpoints import convert_state_dict, original_key, original_state_dict, rename_key
-from mambavision_tools.configs import MAX_PARAMETERS, build_config, parameter_count
+from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, parameter_count
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
@@ -646,6 +646,10 @@ def test_refuses_invalid_config_values(field, value, fragment, tiny, capsys):
     tiny["config"].write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 5, field: value}))
     tiny["checkpoint"].unlink()  # refused before any checkpoint is read
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], fragment, str(tiny["config"]))
+
+
+def test_every_config_field_has_a_rule():
+    assert CONFIG_FIELDS <= set(FIELD_RULES)  # a new MambaVisionConfig argument needs its rule in configs.py
 
 
 def _variant_configs():
