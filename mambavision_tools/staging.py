@@ -11,6 +11,7 @@ is in place; SIGINT and SIGTERM wait while folders are being moved.
 import fcntl
 import glob
 import os
+import re
 import shutil
 import signal
 import threading
@@ -59,10 +60,15 @@ def signals_deferred():
             signal.raise_signal(pending[0])
 
 
+def _staging_name(target, pid):
+    return f".{target.name}.{pid}.partial"
+
+
 def staging_folders(target):
-    """Every staging folder of ``target``, whatever run wrote it."""
-    pattern = f".{glob.escape(target.name)}.*.partial"
-    return sorted(path for path in target.parent.glob(pattern) if path.is_dir() and not path.is_symlink())
+    """Every staging folder of ``target``, whatever run wrote it (not those of ``<target>.x``: pids are digits)."""
+    pattern = re.compile(re.escape(_staging_name(target, "PID")).replace("PID", r"\d+"))
+    return sorted(path for path in target.parent.glob(f".{glob.escape(target.name)}.*.partial")
+                  if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
 
 
 def _aside(target):
@@ -142,7 +148,7 @@ def staged_folder(target, replace=False):
     """Yield an empty folder named like ``target``; on success it becomes ``target`` (replacing an existing one
     only with ``replace``), on failure or interruption nothing of it is left. Hold ``output_lock(target)``."""
     target = Path(target).resolve()
-    staging = target.parent / f".{target.name}.{os.getpid()}.partial"
+    staging = target.parent / _staging_name(target, os.getpid())
     staging.mkdir()
     try:
         folder = staging / target.name  # the final name, so that remote code caches under it

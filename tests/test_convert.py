@@ -567,6 +567,13 @@ def test_next_run_removes_what_a_killed_run_left(tiny, capsys):
     assert names(tiny["out"]) == ["model"]
 
 
+def test_staging_of_another_folder_is_not_taken_for_a_stale_one(tiny, capsys):
+    other = tiny["out"] / f".model.v2.{os.getpid()}.partial"  # a live conversion into out/model.v2
+    other.mkdir()
+    assert run(tiny["argv"](), capsys)[0] == 0
+    assert set(names(tiny["out"])) == {"model", other.name}
+
+
 def test_kill_between_the_final_renames_loses_no_folder(converted, capsys):
     child = start_paused(converted["argv"](converted["checkpoint"], "--overwrite"), "renaming")
     child.kill()
