@@ -64,18 +64,19 @@ def _integer(low, high=None):
 
 
 def _integers(low, high):
-    return ((lambda v: isinstance(v, list) and len(v) == configuration.NUM_LEVELS and all(_is_int(x, low, high) for x in v)),
+    return ((lambda v: isinstance(v, (list, tuple)) and len(v) == configuration.NUM_LEVELS
+             and all(_is_int(x, low, high) for x in v)),
             f"a list of {configuration.NUM_LEVELS} integers from {low} to {high}")
 
 
 def _numbers(positive):
-    return ((lambda v: isinstance(v, list) and all(_is_number(x) and (x > 0 or not positive) for x in v)),
+    return ((lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) and (x > 0 or not positive) for x in v)),
             f"a list of {'positive ' if positive else ''}numbers, one per channel")
 
 
 FIELD_RULES = {
     "depths": _integers(0, MAX_BLOCKS_PER_LEVEL),
-    "num_heads": ((lambda v: isinstance(v, list) and len(v) == configuration.NUM_LEVELS
+    "num_heads": ((lambda v: isinstance(v, (list, tuple)) and len(v) == configuration.NUM_LEVELS
                    and all(h is None or _is_int(h, 1) for h in v)),
                   f"a list of {configuration.NUM_LEVELS} positive integers (null for the convolutional levels 0-1)"),
     "window_size": _integers(1, MAX_WINDOW),
@@ -96,9 +97,9 @@ FIELD_RULES = {
     "interpolation": ((lambda v: v in INTERPOLATIONS), f"one of {', '.join(INTERPOLATIONS)}"),
     "mean": _numbers(positive=False),
     "std": _numbers(positive=True),
-    "out_features": ((lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "out_features": ((lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
                      "a list of stage names"),
-    "out_indices": ((lambda v: v is None or isinstance(v, list) and all(_is_int(x) for x in v)),
+    "out_indices": ((lambda v: v is None or isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
                     "a list of stage indices"),
     "num_labels": _integer(0, 10**6),
     "id2label": ((lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())

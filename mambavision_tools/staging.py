@@ -145,8 +145,8 @@ def _remove_empty(folders):
 
 @contextmanager
 def staged_folder(target, replace=False):
-    """Yield an empty folder named like ``target``; on success it becomes ``target`` (replacing an existing one
-    only with ``replace``), on failure or interruption nothing of it is left. Hold ``output_lock(target)``."""
+    """Yield an empty folder named like ``target``; on success it becomes ``target`` (replacing an empty folder, or
+    with ``replace`` any), on failure or interruption nothing of it is left. Hold ``output_lock(target)``."""
     target = Path(target).resolve()
     staging = target.parent / _staging_name(target, os.getpid())
     staging.mkdir()
@@ -156,8 +156,8 @@ def staged_folder(target, replace=False):
         yield folder
         with signals_deferred():
             if target.exists():
-                if not replace:
-                    raise ConversionError(f"{target} appeared while converting; nothing was replaced")
+                if not replace and (not target.is_dir() or any(target.iterdir())):
+                    raise ConversionError(f"{target} was filled while converting; nothing was replaced")
                 target.rename(staging / _aside(target))
             try:
                 folder.rename(target)

@@ -332,6 +332,13 @@ def test_refuses_non_empty_output_dir_unless_overwrite(tiny, capsys):
     assert sorted(p.name for p in tiny["out"].iterdir()) == ["model"]
 
 
+def test_converts_into_an_existing_empty_folder(tiny, capsys):
+    (tiny["out"] / "model").mkdir()
+    status, out, err = run(tiny["argv"](), capsys)
+    assert status == 0, err
+    assert names(tiny["out"]) == ["model"] and (tiny["out"] / "model" / "model.safetensors").is_file()
+
+
 def test_overwrite_replaces_a_converted_folder(tiny, capsys):
     folder = tiny["out"] / "model"
     assert run(tiny["argv"](), capsys)[0] == 0
