@@ -10,10 +10,29 @@ from transformers import PretrainedConfig
 
 from .selective_scan import SCAN_BACKENDS
 
-try:  # transformers >= 5
+# Compatibility (transformers 4.40 to 5.x): the backbone mixin moved in 5.1 and took over aligning the outputs.
+try:  # transformers >= 5.1
     from transformers.backbone_utils import BackboneConfigMixin
-except ImportError:
+
+    def align_backbone_outputs(config, out_features, out_indices):
+        """Set ``config``'s ``out_features``/``out_indices``, each filled in from the other (ValueError if invalid)."""
+        config.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+except ImportError:  # earlier: a function does it
     from transformers.utils.backbone_utils import BackboneConfigMixin, get_aligned_output_features_output_indices
+
+    def align_backbone_outputs(config, out_features, out_indices):
+        """Set ``config``'s ``out_features``/``out_indices``, each filled in from the other (ValueError if invalid)."""
+        config._out_features, config._out_indices = get_aligned_output_features_output_indices(
+            out_features=out_features, out_indices=out_indices, stage_names=config.stage_names
+        )
+
+# The folder's own pipelines (image_processing_mambavision.py): transformers' two image pipelines with every
+# image mode accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
+CUSTOM_PIPELINES = {
+    "image-classification": ("MambaVisionImageClassificationPipeline", "AutoModelForImageClassification"),
+    "image-feature-extraction": ("MambaVisionImageFeatureExtractionPipeline", "AutoModel"),
+}
 
 CROP_MODES = ("center", "squash")
 NUM_LEVELS = 4
@@ -108,17 +127,21 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         """Channels of the pooled features."""
         return self.hidden_sizes[-1]
 
+    @property
+    def custom_pipelines(self):
+        """What ``pipeline(task, model=<folder or repo>, trust_remote_code=True)`` runs (a fresh dict on each read:
+        transformers rewrites it in place). Not saved: it follows the code, not the folder."""
+        return {
+            task: {"impl": f"image_processing_mambavision.{impl}", "pt": [model_class], "type": "image"}
+            for task, (impl, model_class) in CUSTOM_PIPELINES.items()
+        }
+
     def _set_backbone_outputs(self, out_features, out_indices):
         """Check ``out_features``/``out_indices`` against ``stage_names`` and fill in the missing one."""
         out_features = list(out_features) if out_features is not None else None
         out_indices = list(out_indices) if out_indices is not None else None
         try:
-            if hasattr(self, "set_output_features_output_indices"):  # transformers >= 5
-                self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
-            else:
-                self._out_features, self._out_indices = get_aligned_output_features_output_indices(
-                    out_features=out_features, out_indices=out_indices, stage_names=self.stage_names
-                )
+            align_backbone_outputs(self, out_features, out_indices)
         except ValueError as error:
             raise ValueError(f"MambaVisionConfig: {error}") from None
 

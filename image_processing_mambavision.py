@@ -1,24 +1,56 @@
 """MambaVision's image processor: timm's own eval transform, stored in ``preprocessor_config.json``.
 
-transformers' ``TimmWrapperImageProcessor`` already builds the transform from a timm ``pretrained_cfg``
-(``timm.data.resolve_data_config`` + ``create_transform``), so resize, crop_pct/crop_mode, interpolation and
-normalisation are exactly timm's. It reads and writes that cfg in ``config.json`` only (timm's Hub layout);
-this subclass keeps it in the standard ``preprocessor_config.json`` so ``AutoImageProcessor`` and the
-pipelines load it from a model folder next to the model's own config.
+The transform is built by timm from a ``pretrained_cfg`` (``timm.data.resolve_data_config`` +
+``create_transform``), so resize, crop_pct/crop_mode, interpolation and normalisation are exactly timm's. It is
+a plain ``BaseImageProcessor``, so ``AutoImageProcessor`` and the pipelines load it from a model folder on every
+transformers version (transformers' own ``TimmWrapperImageProcessor`` appeared in 4.47 and keeps its settings
+in ``config.json``).
+
+Every input becomes an 8-bit RGB PIL image first, as timm's transform expects:
+
+- PIL images of any mode: alpha dropped (``RGBA``, ``LA``, ``P`` with transparency), grey levels, palettes,
+  ``1`` and ``CMYK`` converted by PIL; 16-bit modes (``I;16*``, and ``I``, which is how PIL opens 16-bit PNGs)
+  scaled from 0..65535, ``F`` taken as intensities in 0..1.
+- numpy arrays (``HxW``, ``HxWxC``; ``CxHxW`` when the last axis is not 1, 3 or 4 channels) and torch tensors
+  (``CxHxW``, ``HxW``; ``HxWxC`` when the first axis is not 1, 3 or 4 channels), alone or as a batch (a list,
+  or one more leading axis), with 1, 3 or 4 channels: ``uint8`` and ``bool`` as they are, ``uint16`` scaled from
+  0..65535, floats in 0..1, other integers in 0..255; anything else is refused with a one-line error.
+
+So an image gives the same pixels whatever mode or type it arrives in. The pipelines convert PIL images to RGB
+with PIL before the processor sees them, which turns a 16-bit image white: ``MambaVisionImageClassificationPipeline``
+and ``MambaVisionImageFeatureExtractionPipeline`` (declared in the config's ``custom_pipelines``) hand images to
+this processor's conversion first.
 """
 
-from transformers import TimmWrapperImageProcessor
-from transformers.utils import IMAGE_PROCESSOR_NAME
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform, resolve_data_config
+from transformers import ImageClassificationPipeline, ImageFeatureExtractionPipeline
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+CHANNEL_COUNTS = (1, 3, 4)
 
 
-class MambaVisionImageProcessor(TimmWrapperImageProcessor):
-    """``TimmWrapperImageProcessor`` that saves and loads ``preprocessor_config.json``."""
+class MambaVisionImageProcessor(BaseImageProcessor):
+    """timm's eval transform of a ``pretrained_cfg``; ``train_transforms`` is timm's training augmentation.
 
+    Args:
+        pretrained_cfg: timm's data settings: ``input_size`` ([3, H, W]), ``interpolation``, ``mean``, ``std``,
+            ``crop_pct``, ``crop_mode``.
+    """
+
+    model_input_names = ["pixel_values"]
     _auto_class = "AutoImageProcessor"  # save_pretrained writes this file's code and the auto_map
 
     def __init__(self, pretrained_cfg, **kwargs):
-        super().__init__(pretrained_cfg, **kwargs)
-        self.pretrained_cfg = pretrained_cfg  # the parent keeps only the resolved data_config
+        super().__init__(**kwargs)
+        self.pretrained_cfg = dict(pretrained_cfg)
+        self.data_config = resolve_data_config(pretrained_cfg=self.pretrained_cfg)
 
     @classmethod
     def from_model_config(cls, config):
@@ -34,14 +66,22 @@ class MambaVisionImageProcessor(TimmWrapperImageProcessor):
         }
         return cls(pretrained_cfg=pretrained_cfg)
 
-    @classmethod
-    def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
-        kwargs.setdefault("image_processor_filename", IMAGE_PROCESSOR_NAME)
-        return super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+    @property
+    def val_transforms(self):
+        """timm's eval transform (built on use: it is cheap, and the processor stays plain data to save)."""
+        return create_transform(**self.data_config, is_training=False)
 
-    def save_pretrained(self, *args, **kwargs):
-        # skips TimmWrapperImageProcessor's override, which saves nothing
-        return super(TimmWrapperImageProcessor, self).save_pretrained(*args, **kwargs)
+    @property
+    def train_transforms(self):
+        """timm's training augmentation (random resized crop, flip, colour jitter) for the same settings."""
+        return create_transform(**self.data_config, is_training=True)
+
+    def preprocess(self, images, return_tensors="pt", **kwargs):
+        """An image or a batch of images (see the module docstring for what is accepted) -> ``pixel_values``,
+        (batch, 3, H, W) float32."""
+        transform = self.val_transforms
+        pixels = torch.stack([transform(to_rgb_image(image)) for image in _as_list(images)])
+        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
     def to_dict(self):
         output = super().to_dict()
@@ -49,4 +89,113 @@ class MambaVisionImageProcessor(TimmWrapperImageProcessor):
         return output
 
 
-__all__ = ["MambaVisionImageProcessor"]
+def _as_list(images):
+    """A single image or a batch (list/tuple, 4-D array or tensor) -> a list of images."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def to_rgb_image(image):
+    """Any single image a user may pass (PIL of any mode, numpy array, torch tensor) -> an 8-bit RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        array = (array.float() if array.dtype in (torch.float16, torch.bfloat16) else array).numpy()
+        return _array_to_rgb(array, channels_first=True)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image, channels_first=False)
+    raise TypeError(f"MambaVisionImageProcessor: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+
+
+def _pil_to_rgb(image):
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _array_to_rgb(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int64), False, sixteen_bit=True)
+    if image.mode == "F":
+        return _array_to_rgb(np.asarray(image), channels_first=False)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL wants palette transparency resolved through RGBA
+    try:
+        return image.convert("RGB")  # drops alpha; greys, palettes, 1-bit and CMYK by PIL's own rules
+    except ValueError as error:
+        raise ValueError(f"MambaVisionImageProcessor: cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from None
+
+
+def _array_to_rgb(array, channels_first, sixteen_bit=False):
+    """A numpy image (HxW, HxWxC or CxHxW; see ``to_rgb_image`` for the layout rule) -> 8-bit RGB PIL image."""
+    if array.ndim == 3:
+        first, last = array.shape[0] in CHANNEL_COUNTS, array.shape[-1] in CHANNEL_COUNTS
+        if first and (channels_first or not last):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            raise ValueError(f"MambaVisionImageProcessor: an image with 1, 3 or 4 channels expected, got shape {array.shape}")
+        array = array[..., :3] if array.shape[-1] == 4 else array  # alpha dropped
+        array = array[..., 0] if array.shape[-1] == 1 else array
+    elif array.ndim != 2:
+        raise ValueError(f"MambaVisionImageProcessor: an image has 2 or 3 dimensions, got shape {array.shape}")
+    return Image.fromarray(_to_uint8(array, sixteen_bit)).convert("RGB")
+
+
+def _to_uint8(array, sixteen_bit=False):
+    """Pixel values in the dtype's usual range -> uint8: 16-bit scaled from 0..65535, floats from 0..1."""
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if kind == "f":
+        if not np.isfinite(array).all() or array.min(initial=0) < 0 or array.max(initial=0) > 1:
+            raise ValueError(
+                "MambaVisionImageProcessor: float images must hold intensities in 0..1, got values in "
+                f"[{array.min()}, {array.max()}] (divide 8-bit values by 255, or pass uint8)"
+            )
+        return np.rint(array * 255).astype(np.uint8)
+    if kind in "iu":
+        full = 65535 if sixteen_bit or array.dtype == np.uint16 else 255
+        if array.min(initial=0) < 0 or array.max(initial=0) > full:
+            raise ValueError(
+                f"MambaVisionImageProcessor: {array.dtype} image values must lie in 0..{full}, got "
+                f"[{array.min()}, {array.max()}] (pass uint16 for 16-bit images)"
+            )
+        return (np.rint(array / 257.0) if full == 65535 else array).astype(np.uint8)
+    raise ValueError(f"MambaVisionImageProcessor: unsupported image dtype {array.dtype}")
+
+
+def _open_local(image):
+    """A pipeline input -> an RGB PIL image by ``to_rgb_image`` (a local path opened in its own mode, orientation
+    applied), so transformers' loader, which converts with PIL and clips 16-bit images, gets 8-bit RGB already.
+    URLs and other strings are left to that loader."""
+    if isinstance(image, str) and os.path.isfile(image):
+        image = ImageOps.exif_transpose(Image.open(image))
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        return to_rgb_image(image)
+    return image
+
+
+class _MambaVisionPipelineMixin:
+    """What the folder's pipelines add to transformers' own: inputs converted by ``to_rgb_image``, and the
+    processor built from the model's config where transformers (< 4.55) loads none for remote code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.image_processor is None:
+            self.image_processor = MambaVisionImageProcessor.from_model_config(self.model.config)
+
+    def preprocess(self, image, *args, **kwargs):
+        return super().preprocess(_open_local(image), *args, **kwargs)
+
+
+class MambaVisionImageClassificationPipeline(_MambaVisionPipelineMixin, ImageClassificationPipeline):
+    """``pipeline("image-classification", model=folder_or_repo, trust_remote_code=True)``."""
+
+
+class MambaVisionImageFeatureExtractionPipeline(_MambaVisionPipelineMixin, ImageFeatureExtractionPipeline):
+    """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``."""
+
+
+__all__ = ["MambaVisionImageProcessor", "MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"]

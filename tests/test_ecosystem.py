@@ -1,9 +1,6 @@
-"""MambaVision in the transformers/timm ecosystem: image processor, pipelines, Trainer, AutoBackbone with
-UperNet, torch.compile / torch.export / ONNX. References are timm's own transform and eager outputs."""
-
-import os
-import subprocess
-import sys
+"""MambaVision in the transformers/timm ecosystem: pipelines, Trainer, AutoBackbone with UperNet,
+torch.compile / torch.export / ONNX. References are timm's own transform and eager outputs. The image processor
+has tests/test_image_processor.py; other transformers versions, tests/test_compat.py."""
 
 import huggingface_hub
 import numpy as np
@@ -18,15 +15,9 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
-from conftest import ROOT, configuration, modeling, randomize_batchnorm
+from conftest import configuration, modeling, randomize_batchnorm
 from mambavision_tools.hub_folder import save_model_folder
 
-TF4_SITE = os.environ.get("MAMBAVISION_TF4_SITE", str(ROOT / ".tf457"))
-# the preprocessing of two published variants: MambaVision-T2-1K and MambaVision-L3-512-21K
-PREPROCESSING = {
-    "center": dict(image_size=224, crop_pct=0.98, crop_mode="center"),
-    "squash": dict(image_size=512, crop_pct=0.93, crop_mode="squash"),
-}
 IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (width, height)
 
 
@@ -84,32 +75,6 @@ def offline(monkeypatch):
     """Any Hub request raises: everything below must come from the folder."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Image processor
-
-
-@pytest.mark.parametrize("mode", sorted(PREPROCESSING))
-def test_processor_matches_timm_transform(mode, tmp_path, offline):
-    folder = save_tiny_folder(tmp_path / mode, **PREPROCESSING[mode])
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    transform = timm_eval_transform(config)
-    images = sample_images()
-    pixels = processor(images, return_tensors="pt")["pixel_values"]
-    expected = torch.stack([transform(image) for image in images])
-    assert pixels.shape == (len(images), 3, config.image_size, config.image_size)
-    torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
-
-
-def test_processor_round_trip_and_folder_files(folder, tmp_path):
-    assert (folder / "preprocessor_config.json").is_file() and (folder / "image_processing_mambavision.py").is_file()
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    processor.save_pretrained(tmp_path)
-    reloaded = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    assert reloaded.pretrained_cfg == processor.pretrained_cfg
-    assert reloaded.pretrained_cfg["crop_pct"] == 0.875 and reloaded.pretrained_cfg["interpolation"] == "bicubic"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,45 +285,3 @@ def test_onnx_export_runs_in_onnxruntime(eager, tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=1e-4, atol=1e-4)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# transformers 4.57
-
-TF4_SCRIPT = """
-import sys, torch, transformers
-from PIL import Image
-from transformers import AutoBackbone, AutoImageProcessor, pipeline
-assert transformers.__version__.startswith("4.57"), transformers.__version__
-folder, tensors = sys.argv[1], torch.load(sys.argv[2])
-image = Image.fromarray(tensors["image"].numpy())
-processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-torch.testing.assert_close(processor(image)["pixel_values"], tensors["pixels"], rtol=0, atol=1e-6)
-backbone, info = AutoBackbone.from_pretrained(folder, trust_remote_code=True, out_indices=[0, 4], output_loading_info=True)
-assert not info["missing_keys"] and not info["unexpected_keys"], info
-assert backbone.channels == tensors["channels"], backbone.channels
-with torch.no_grad():
-    for got, want in zip(backbone.eval()(tensors["pixels"]).feature_maps, tensors["feature_maps"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-top = pipeline("image-classification", model=folder, trust_remote_code=True)(image, top_k=1)[0]
-assert top["label"] == tensors["label"], top
-print("ok", transformers.__version__)
-"""
-
-
-@pytest.mark.skipif(not os.path.isdir(TF4_SITE), reason=f"transformers 4.57 not installed at {TF4_SITE}")
-def test_processor_backbone_pipeline_on_transformers_4_57(folder, tmp_path):
-    image = sample_images()[2]
-    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    backbone = backbone_from_folder(folder, out_indices=[0, 4]).eval()
-    pixels = timm_eval_transform(model.config)(image)[None]
-    with torch.no_grad():
-        label = model.config.id2label[model(pixels).logits.argmax(-1).item()]
-        feature_maps = backbone(pixels).feature_maps
-    torch.save({"image": torch.from_numpy(np.array(image)), "pixels": pixels, "channels": backbone.channels,
-                "feature_maps": feature_maps, "label": label}, tmp_path / "tensors.pt")
-    env = dict(os.environ, PYTHONPATH=TF4_SITE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", TF4_SCRIPT, str(folder), str(tmp_path / "tensors.pt")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("ok 4.57")
