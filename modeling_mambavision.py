@@ -7,37 +7,116 @@ selective scan picks a fast kernel when one works (see ``selective_scan.py``).
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput
 
 from .configuration_mambavision import MambaVisionConfig
 from .selective_scan import selective_scan
 
-# transformers 4.x copies only this file's direct relative imports into its module cache, so the optional
-# Triton kernels are named here to travel with the model; the scan dispatcher imports them when needed.
+# Compatibility (transformers 4.40 to 5.x, torch >= 2.1): each name is imported where the installed version
+# keeps it, else defined here as a small equivalent. The compatibility matrix in tests/test_compat.py runs them.
+
+# Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the
+# relative imports written in the file it loads (a Hub repo's are followed file by file). The scan dispatcher
+# imports the Triton kernels lazily, so they are named here too, or they would be missing on those versions.
 try:
     from .selective_scan_triton import selective_scan_triton  # noqa: F401
-except ImportError:
+except ImportError:  # no triton, or a torch without custom ops: the dispatcher falls back with one warning
     pass
 
-try:  # transformers >= 5
+try:  # transformers >= 5.1: the mixin sets itself up in __init__
     from transformers.backbone_utils import BackboneMixin
-except ImportError:
+except ImportError:  # earlier: MambaVisionBackbone calls its _init_backbone
     from transformers.utils.backbone_utils import BackboneMixin
 
 try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
     from transformers import initialization as init
-except ImportError:
+except ImportError:  # 4.x initialises only the weights a checkpoint did not provide
     from torch.nn import init
+
+try:  # torch >= 2.3
+    from torch.compiler import is_compiling
+except ImportError:
+    from torch._dynamo import is_compiling
+
+try:  # transformers >= 4.52
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+
+    class GradientCheckpointingLayer(nn.Module):
+        """transformers' switch for versions without it: ``gradient_checkpointing_enable()`` sets the flag and the
+        checkpoint function on every module that has the attribute; while training, calls run through it."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# transformers < 4.49 renames every checkpoint key that contains "gamma" to "weight" (and "beta" to "bias"), meant for
+# TensorFlow-era LayerNorm names, inside its loading function: only its version tells. The layer scales are gamma.
+if version.parse(transformers.__version__).release < (4, 49):
+
+    class PreTrainedModel(PreTrainedModel):  # noqa: F811 - transformers' own, loading gamma parameters as they are
+        """Loads gamma/beta parameters as they are: transformers would report them missing (unexpected under the
+        renamed key) and leave them at their initial value. While it loads, each is registered under the renamed key
+        (and stays reachable under its own name for ``_init_weights``), and under its own name again afterwards."""
+
+        @classmethod
+        def _load_pretrained_model(cls, model, *args, **kwargs):
+            renamed = [(module, name, name.replace("beta", "bias") if "beta" in name else name.replace("gamma", "weight"))
+                       for module in model.modules() for name in list(module._parameters)
+                       if "gamma" in name or "beta" in name]
+            for module, name, legacy in renamed:
+                module._parameters[legacy] = module.__dict__[name] = module._parameters.pop(name)
+            try:
+                return super()._load_pretrained_model(model, *args, **kwargs)
+            finally:
+                for module, name, legacy in renamed:
+                    del module.__dict__[name]
+                    module._parameters[name] = module._parameters.pop(legacy)  # the loaded tensor
+
+
+try:  # transformers >= 4.53 maps image classifiers to this loss (single-label, multi-label or regression)
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    image_classification_loss = LOSS_MAPPING["ForImageClassification"]
+except (ImportError, KeyError):  # earlier versions have none, or pick a causal-LM loss for this class name
+
+    def image_classification_loss(labels, pooled_logits, config, num_items_in_batch=None, **kwargs):
+        """transformers' ``ForSequenceClassificationLoss``: the loss of ``config.problem_type``, inferred from
+        the labels when unset; cross-entropy summed over ``num_items_in_batch`` when the Trainer gives it."""
+        num_labels = config.num_labels
+        if config.problem_type is None:
+            if num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        labels = labels.to(pooled_logits.device)
+        if config.problem_type == "regression":
+            return F.mse_loss(pooled_logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(pooled_logits, labels)
+        if config.problem_type == "single_label_classification":
+            reduction = "sum" if num_items_in_batch is not None else "mean"
+            loss = F.cross_entropy(pooled_logits.view(-1, num_labels), labels.view(-1), reduction=reduction)
+            return loss if num_items_in_batch is None else loss / torch.as_tensor(num_items_in_batch).to(loss.device)
+        if config.problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(pooled_logits, labels)
+        raise RuntimeError(f"Invalid problem type: {config.problem_type}")
 
 
 @dataclass
@@ -152,7 +231,7 @@ class MambaVisionMixer(nn.Module):
         """The depthwise 'same' conv along L of tokens (B, L, C). Eager runs the conv kernel on a (B, C, L)
         view; compiled, it is a sum of shifted taps that the compiler fuses with its neighbours into one
         element-wise kernel reading and writing the tokens in place."""
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             return conv(x.transpose(1, 2)).transpose(1, 2)
         width = conv.kernel_size[0]
         padded = F.pad(x, (0, 0, (width - 1) // 2, width // 2))  # pad along L
@@ -460,7 +539,7 @@ class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
         )
         maps = self.model(pixel_values)
         logits = self.model.head(self.model.pool(maps[-1]))
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        loss = image_classification_loss(labels, logits, self.config) if labels is not None else None
         output = ImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=maps if output_hidden_states else None
         )
@@ -480,7 +559,7 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        if hasattr(self, "_init_backbone"):  # transformers < 5 sets the mixin up explicitly
+        if hasattr(self, "_init_backbone"):  # transformers < 5.1 sets the mixin up explicitly
             self._init_backbone(config)
         self.model = MambaVisionEncoder(config)
         self.num_features = [config.dim, *config.hidden_sizes]  # channels per name in stage_names
@@ -510,3 +589,9 @@ AUTO_MAP = {
 }
 HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
              "image_processing_mambavision.py")
+
+# transformers 4.46 to 4.52 do not register a remote-code class loaded through an Auto class, so its save_pretrained
+# would leave this code out of the folder; registering here is what the other versions do when loading.
+MambaVisionModel.register_for_auto_class("AutoModel")
+MambaVisionModelForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MambaVisionBackbone.register_for_auto_class("AutoBackbone")

@@ -11,11 +11,17 @@ as a reverse scan, using a_t h_{t-1} = h_t - b_t so no state needs storing per s
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # optional (CUDA only): inside try, transformers' import check of remote code does not require it
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError(f"the Triton scan needs triton: {error}") from error
+if not hasattr(torch.library, "custom_op"):  # the dispatcher falls back to the PyTorch scan
+    raise ImportError(f"the Triton scan needs torch >= 2.4 (torch.library.custom_op), found {torch.__version__}")
 
 # (channels per program, chunk length, warps): inference needs no saved states and takes its own shape
-INFER_CONFIG = (16, 8, 1)
+INFER_CONFIG = (8, 16, 1)
 TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
 
 
