@@ -1,0 +1,133 @@
+"""What finetune.py and extract_features.py share: where the model comes from, and the throughput report.
+
+The model is a converted folder or Hub id (transformers' Auto classes with ``trust_remote_code``), that
+folder's config with random weights (``--random-weights``), or a variant's architecture from
+``mambavision_tools.variants`` with random weights (``--variant``): the last two need no weights and the last no
+folder, so that benchmarks of the large variants run offline.
+"""
+
+import difflib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, AutoImageProcessor
+
+from mambavision_tools import model_code
+from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
+
+GIB = 2**30
+
+
+def fail(message):
+    """Stop with one ``error:`` line (exit status 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+def add_model_arguments(parser):
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="converted model folder or Hub id, loaded with trust_remote_code")
+    source.add_argument("--variant", help="a variant's architecture with random weights, offline (for benchmarks), "
+                                          "e.g. MambaVision-T-1K or MambaVision-L3-512-21K")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="with --model: its config and processor, random weights (for benchmarks)")
+
+
+def variant_config(name, **fields):
+    """The ``MambaVisionConfig`` of a variant's architecture and preprocessing, with ``fields`` on top."""
+    known = {**VARIANTS, **PROJECT_VARIANTS}
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        fail(f"unknown variant {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    variant = known[name]
+    config_class = model_code.load("configuration_mambavision").MambaVisionConfig
+    config_class.register_for_auto_class()  # save_pretrained then writes the code and auto_map
+    return config_class(**{**variant.architecture, **variant.preprocessing, **fields})
+
+
+def load_model(args, auto_class, config_fields=None, **load_kwargs):
+    """(model, image processor) from ``--model``/``--variant``/``--random-weights``.
+
+    ``auto_class`` is the transformers Auto class to load (``AutoModel``, ``AutoModelForImageClassification``);
+    ``config_fields`` override fields of the config (labels, ``drop_path_rate``); ``load_kwargs`` go to
+    ``from_pretrained`` (e.g. ``ignore_mismatched_sizes``).
+    """
+    config_fields = config_fields or {}
+    if args.variant:
+        if args.random_weights:
+            fail("--random-weights goes with --model (a --variant model has random weights already)")
+        config = variant_config(args.variant, **config_fields)
+        model_class = _model_class(auto_class)
+        model_class.register_for_auto_class(auto_class.__name__)
+        processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
+        return model_class(config), processor
+    try:
+        if args.random_weights:
+            config = AutoConfig.from_pretrained(args.model, trust_remote_code=True, **config_fields)
+            model = auto_class.from_config(config, trust_remote_code=True)
+        else:
+            model = auto_class.from_pretrained(args.model, trust_remote_code=True, **config_fields, **load_kwargs)
+        processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # missing folder or repo, no weights, not a MambaVision model
+        fail(f"cannot load {args.model}: {str(error).strip().splitlines()[0]}")
+    return model, processor
+
+
+def _model_class(auto_class):
+    """The class of this repository's model code that ``auto_class`` loads from a converted folder."""
+    module, name = model_code.load("modeling_mambavision").AUTO_MAP[auto_class.__name__].split(".")
+    return getattr(model_code.load(module), name)
+
+
+def distributed():
+    """(rank, world size): torch.distributed's when initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def peak_memory_per_device():
+    """Peak CUDA memory allocated by each process (GiB, in rank order), or ``None`` on CPU. Every rank calls it."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / GIB
+    rank, world = distributed()
+    if world == 1:
+        return [peak]
+    peaks = [None] * world
+    dist.all_gather_object(peaks, peak)
+    return peaks
+
+
+def report(task, images, seconds, metrics_file=None, **details):
+    """Print the throughput line on rank 0 and write it, with ``details``, to ``metrics_file`` as JSON.
+
+    Every rank calls it (the memory gather is collective); ``images`` counts all ranks' images.
+    """
+    peaks = peak_memory_per_device()
+    rank, world = distributed()
+    if rank != 0:
+        return
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    line = (f"throughput: {task} {images / seconds:,.1f} img/s ({images:,} images in {seconds:.2f} s, "
+            f"{world} process{'es' if world > 1 else ''} on {device})")
+    if peaks is not None:
+        line += "; peak memory per GPU: " + ", ".join(f"{peak:.2f}" for peak in peaks) + " GiB"
+    print(line, flush=True)
+    if metrics_file:
+        record = {"task": task, "images_per_second": images / seconds, "images": images, "seconds": seconds,
+                  "processes": world, "device": device, "peak_memory_gib": peaks, **details}
+        Path(metrics_file).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def synchronize():
+    """Wait for the GPU's queued work, so that wall-clock times cover it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main_process_print(*values):
+    if distributed()[0] == 0:
+        print(*values, file=sys.stdout, flush=True)
