@@ -162,20 +162,41 @@ def write_manifest(output_dir, shards, plan):
 
 
 def extract(model, batches, device, bf16, stage_maps):
-    """Yield (indices, {name: float32 features}, failed) per batch, features on the CPU."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as the model's
+    """Yield (indices, {name: float32 features on the CPU}, failed) per batch, in order.
+
+    On a GPU each batch's features are copied out asynchronously and yielded once the next batch is queued, so
+    that the GPU does not wait for Python between batches.
+    """
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format  # as the model's
+    queued = None
     for indices, pixels, failed in batches:
         outputs = {}
         if pixels is not None:
             pixels = pixels.to(device, non_blocking=True, memory_format=memory_format)
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 output = model(pixel_values=pixels, output_hidden_states=True)
-            outputs["pooler_output"] = output.pooler_output.float().cpu()
-            if stage_maps:
-                # the four stage maps end hidden_states (model code of any version: some put the stem's first)
-                for level, stage_map in enumerate(output.hidden_states[-4:], 1):
-                    outputs[f"stage_{level}"] = stage_map.float().mean(dim=(2, 3)).cpu()
-        yield indices, outputs, failed
+                features = {"pooler_output": output.pooler_output}
+                if stage_maps:
+                    # the four stage maps end hidden_states (model code of any version: some put the stem first)
+                    for level, stage_map in enumerate(output.hidden_states[-4:], 1):
+                        features[f"stage_{level}"] = stage_map.float().mean(dim=(2, 3))
+                outputs = {name: values.float().to("cpu", non_blocking=cuda) for name, values in features.items()}
+        copied = torch.cuda.Event() if cuda else None
+        if copied is not None:
+            copied.record()
+        if queued is not None:
+            yield finished(*queued)
+        queued = indices, outputs, failed, copied
+    if queued is not None:
+        yield finished(*queued)
+
+
+def finished(indices, outputs, failed, copied):
+    """A queued batch of ``extract``, once its copies to the CPU are done."""
+    if copied is not None:
+        copied.synchronize()
+    return indices, outputs, failed
 
 
 def parse_arguments(argv):
