@@ -131,7 +131,7 @@ def main(argv=None):
                 results[name] = metrics
                 case = f"fine-tune {args.fsdp_variant}, batch {args.fsdp_batch_size}/GPU, {name}{checkpointing}"
                 rows.append(row(case, args.gpus, metrics))
-    print("\n| case (bf16, random data) | GPUs | img/s | speed-up | peak memory per GPU (GiB) | device |")
+    print("\n| case (random data, bf16 on GPU) | GPUs | img/s | speed-up | peak memory per GPU (GiB) | device |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
