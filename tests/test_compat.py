@@ -1,0 +1,166 @@
+"""The compatibility matrix: a converted folder used as users do (Auto classes, image processor, backbone, both
+pipelines, a training step, save and reload, the Hub's code path) on every transformers release listed in
+requirements-compat.txt and on the main environment's, each in its own process, offline and without triton.
+
+Every row's results must equal the main environment's (1e-6); the main environment's are checked against
+timm's own transform and the model that wrote the folder. scripts/install.sh installs each release into
+.tf<version> (pip --target), once.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from timm.data import create_transform
+
+import compat_worker
+from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
+from mambavision_tools.hub_folder import save_model_folder
+
+MATRIX_FILE = ROOT / "requirements-compat.txt"
+VERSIONS = [line.split()[0].split("==")[1] for line in MATRIX_FILE.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+HUB_REPO = "mambavision-compat/tiny"
+PARALLEL = 2  # rows run two at a time (CI has 2 cores)
+TOLERANCE = dict(rtol=0, atol=1e-6)
+
+
+def site(version):
+    """The folder that scripts/install.sh installs ``transformers==version`` into."""
+    return ROOT / f".tf{version}"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny converted folder with trained-looking layer scales (random gammas) and BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = modeling.MambaVisionModelForImageClassification(
+        tiny_config(layer_scale=0.3, layer_scale_conv=0.2, image_size=32, crop_pct=0.875))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "gamma" in name:
+                parameter.uniform_(-1, 1)
+    randomize_batchnorm(model.eval())
+    path = tmp_path_factory.mktemp("compat") / "MambaVision-compat"
+    save_model_folder(model, path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def hub_cache(folder, tmp_path_factory):
+    """The same folder as the Hub repo ``HUB_REPO`` in a Hugging Face cache (what a download leaves)."""
+    cache = tmp_path_factory.mktemp("hub")
+    commit = "0" * 40
+    repo = cache / f"models--{HUB_REPO.replace('/', '--')}"
+    shutil.copytree(folder[0], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def start_row(folder, hub_cache, out, pythonpath=None, deprecations_are_errors=False):
+    """Run compat_worker.py in a fresh process (offline, triton hidden); returns the CompletedProcess."""
+    home = out.with_suffix(".hf")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(home), HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    command = [sys.executable, str(Path(compat_worker.__file__)), str(folder), str(out), "--hub-repo", HUB_REPO,
+               "--hide-triton", *(["--deprecations-are-errors"] if deprecations_are_errors else [])]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def rows(folder, hub_cache, tmp_path_factory):
+    """Every row, started at once (PARALLEL at a time): ``"main"`` and each installed version -> (process, out)."""
+    scratch = tmp_path_factory.mktemp("rows")
+    jobs = {"main": dict(deprecations_are_errors=True)}
+    jobs.update({version: dict(pythonpath=site(version)) for version in VERSIONS if site(version).is_dir()})
+    pool = ThreadPoolExecutor(PARALLEL)
+    futures = {name: pool.submit(start_row, folder[0], hub_cache, scratch / f"{name}.pt", **kwargs)
+               for name, kwargs in jobs.items()}
+    yield {name: (future, scratch / f"{name}.pt") for name, future in futures.items()}
+    pool.shutdown(cancel_futures=True)
+
+
+def results_of(rows, name):
+    future, out = rows[name]
+    process = future.result()
+    assert process.returncode == 0, f"{name}: {process.stderr[-4000:]}"
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def main(rows):
+    return results_of(rows, "main")
+
+
+def assert_same(got, want, where):
+    """Recursively equal: tensors to 1e-6, floats to 1e-6, everything else exactly."""
+    if isinstance(want, torch.Tensor):
+        assert got is not None and got.shape == want.shape, f"{where}: shape {getattr(got, 'shape', None)} != {want.shape}"
+        torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{where}: {m}")
+    elif isinstance(want, dict):
+        assert set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), f"{where}: {len(got)} items != {len(want)}"
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, f"{where}[{index}]")
+    elif isinstance(want, float):
+        assert abs(got - want) <= 1e-6, f"{where}: {got} != {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def test_main_environment_matches_timm_and_the_saved_model(folder, main):
+    """The reference row is right: timm's eval transform, the model that wrote the folder, the pipelines."""
+    _, model = folder
+    config = model.config
+    transform = create_transform(input_size=(3, config.image_size, config.image_size), is_training=False,
+                                 mean=config.mean, std=config.std, crop_mode=config.crop_mode,
+                                 crop_pct=config.crop_pct, interpolation=config.interpolation)
+    images = compat_worker.sample_images()
+    expected_pixels = torch.stack([transform(image.convert("RGB")) for image in images])
+    torch.testing.assert_close(main["pixel_values"], expected_pixels, **TOLERANCE)
+    with torch.no_grad():
+        expected = model(expected_pixels, output_hidden_states=True)
+    torch.testing.assert_close(main["classifier"][1], expected.logits, **TOLERANCE)  # [loss, logits, maps...]
+    grey_top, sixteen_bit_top = main["classification"][1], main["classification"][2]
+    assert sixteen_bit_top == grey_top  # a 16-bit image is its 8-bit picture, not a white one
+    assert main["pipelines"] == ["MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"]
+    assert "selective_scan_triton.py" in main["local_code_files"] and "selective_scan_triton.py" in main["hub_code_files"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_row_equals_main_environment(version, rows, main):
+    if not site(version).is_dir():
+        pytest.fail(f"transformers {version} is not installed in {site(version)}: run scripts/install.sh")
+    results = results_of(rows, version)
+    assert results["versions"]["transformers"] == version
+    assert results["pipelines"] == main["pipelines"]
+    assert "selective_scan_triton.py" in results["local_code_files"], results["local_code_files"]
+    assert "selective_scan_triton.py" in results["hub_code_files"], results["hub_code_files"]
+    for key in main:
+        if key not in ("versions", "backbone_loader", "local_code_files", "hub_code_files"):
+            assert_same(results[key], main[key], f"transformers {version}: {key}")
+
+
+def test_requirements_keep_the_installed_torch():
+    """requirements.txt's ranges admit the environment as installed (CI's exact versions, constraints.txt): pip
+    installs nothing, so a user's torch that fits stays. Offline (--no-index): pip can only keep what is there."""
+    report = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--quiet",
+                             "--disable-pip-version-check", "--report", "-", "-r", str(ROOT / "requirements.txt")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert json.loads(report.stdout)["install"] == []
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert "torch>=" in requirements and "torch==" not in requirements
