@@ -149,18 +149,20 @@ class MambaVisionModelOutput(ModelOutput):
 def window_partition(x, window):
     """(B, C, H, W) with H, W multiples of ``window`` -> (B * windows, window * window, C) token sequences.
 
-    Tokens are row-major inside a window, windows row-major over the map, batch outermost.
+    Tokens are row-major inside a window, windows row-major over the map, batch outermost. Sizes are spelled
+    out (no -1 to infer), which keeps the shape arithmetic small under export with dynamic height and width.
     """
     b, c, h, w = x.shape
-    x = x.view(b, c, h // window, window, w // window, window)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window * window, c)  # (B, h/ws, w/ws, ws, ws, C)
+    rows, cols = h // window, w // window
+    x = x.view(b, c, rows, window, cols, window)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b * rows * cols, window * window, c)  # (B, rows, cols, ws, ws, C)
 
 
-def window_reverse(windows, window, height, width):
+def window_reverse(windows, window, batch, height, width):
     """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width)."""
     c = windows.shape[-1]
-    x = windows.view(-1, height // window, width // window, window, window, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, c, height, width)  # (B, C, h/ws, ws, w/ws, ws)
+    x = windows.view(batch, height // window, width // window, window, window, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, height, width)  # (B, C, rows, ws, cols, ws)
 
 
 class MambaVisionStem(nn.Module):
@@ -348,15 +350,17 @@ class MambaVisionStage(GradientCheckpointingLayer):
 
     def forward(self, x):
         if self.windowed:
-            height, width = x.shape[-2:]
-            # zero-pad right/bottom to a window multiple; padded tokens take part, as in the original
-            x = F.pad(x, (0, -width % self.window, 0, -height % self.window))
-            padded_height, padded_width = x.shape[-2:]
+            batch, _, height, width = x.shape
+            # zero-pad right/bottom to whole windows; padded tokens take part, as in the original. Written as
+            # ceil(size / window) * window: under dynamic shapes this stays one small expression per size
+            padded_height = (height + self.window - 1) // self.window * self.window
+            padded_width = (width + self.window - 1) // self.window * self.window
+            x = F.pad(x, (0, padded_width - width, 0, padded_height - height))
             x = window_partition(x, self.window)
         for block in self.blocks:
             x = block(x)
         if self.windowed:
-            x = window_reverse(x, self.window, padded_height, padded_width)[:, :, :height, :width]
+            x = window_reverse(x, self.window, batch, padded_height, padded_width)[:, :, :height, :width]
         stage_map = x
         if self.downsample is not None:
             x = self.downsample(x)
