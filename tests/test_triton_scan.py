@@ -1,5 +1,6 @@
 """The Triton selective scan against the float32 reference: in Triton's CPU interpreter here, on a GPU
-per dtype (forward and gradients), and the whole model's fast CUDA path against its reference path."""
+per dtype (forward and gradients), and the whole model's fast CUDA path against its reference path; the
+attention's CUDA-only head padding against the unpadded computation."""
 
 import importlib.util
 import os
@@ -177,3 +178,28 @@ def test_compile_fullgraph_with_triton(monkeypatch):
     model.train()
     compiled(pixels, labels=torch.tensor([0, 1], device="cuda")).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_padded_attention_matches_unpadded_on_gpu(dtype):
+    """Head size 49 (the L variants) is zero-padded on CUDA; outputs and gradients equal the float64 CPU
+    computation, which takes the unpadded path, within the dtype's tolerance."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    attention = modeling.MambaVisionAttention(98, 2)  # head size 49
+    tokens = torch.randn(3, 100, 98)
+    errors = {}
+    outputs = {}
+    for device, run_dtype in (("cpu", torch.float64), ("cuda", dtype)):
+        layer = attention.to(device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
+        x = tokens.to(device=device, dtype=torch.float64 if device == "cpu" else torch.float32).requires_grad_()
+        with torch.autocast("cuda", dtype=run_dtype, enabled=run_dtype == torch.bfloat16):
+            out = layer(x)
+        grads = torch.autograd.grad(out.float().sum() if device == "cuda" else out.sum(), [x, layer.qkv.weight])
+        outputs[device] = [t.detach().double().cpu() for t in (out, *grads)]
+    for name, got, want in zip(("out", "d_input", "d_qkv_weight"), outputs["cuda"], outputs["cpu"]):
+        errors[name] = relative_error(got, want)
+    tolerance = TOLERANCES[dtype]
+    assert errors["out"] < tolerance["out"], errors
+    assert max(errors["d_input"], errors["d_qkv_weight"]) < tolerance["grad"], errors
