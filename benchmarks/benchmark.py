@@ -2,19 +2,26 @@
 
 GPU: img/s from CUDA events (median of the timed batches after warm-up), peak memory from the caching
 allocator; modes ``infer`` (no_grad), ``train`` (forward + backward + SGD step) and ``latency`` (batch 1).
+The compiler's caches are reset between cases (``torch._dynamo.reset()``). ``--targets`` runs the cases of
+the speed targets and prints them against the targets and the original's figures; ``--ablate`` also runs
+each of them with each of our speedups that applies switched off and prints the ratio.
 CPU (``--device cpu``): batch-1 and batch-8 latency beside timm's convnext_tiny in the same run.
 
-    python benchmarks/benchmark.py --variants T S B --modes infer train latency --compile
+    python benchmarks/benchmark.py --targets --ablate --profile
+    python benchmarks/benchmark.py --variants T S B --modes infer train latency --compile-modes default
     python benchmarks/benchmark.py --device cpu
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch._inductor.config
@@ -28,8 +35,69 @@ configuration = model_code.load("configuration_mambavision")
 scan = model_code.load("selective_scan")
 
 SHORT_NAMES = {"T": "MambaVision-T-1K", "T2": "MambaVision-T2-1K", "S": "MambaVision-S-1K", "B": "MambaVision-B-1K",
-               "L": "MambaVision-L-1K", "L2": "MambaVision-L2-1K"}
+               "L": "MambaVision-L-1K", "L2": "MambaVision-L2-1K", "L2-512": "MambaVision-L2-512-21K",
+               "L3-512": "MambaVision-L3-512-21K"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A case of the speed targets (issue 9), with the original's figure from ARCHITECTURE.md's side-by-side
+    run (H100, torch 2.11, bf16 autocast, channels_last): its compiled run for inference, eager for the rest."""
+
+    variant: str
+    mode: str  # infer / train: img/s, higher is better; latency: ms at batch 1, lower is better
+    batch: int
+    compile_mode: str
+    goal: Optional[float]  # None: measured only
+    original: Optional[float]
+    original_run: str
+    original_peak_gib: Optional[float] = None  # where ARCHITECTURE.md gives it
+    ablations: tuple = ()  # our speedups that apply to this case, each measured as a ratio with --ablate
+    freezing: bool = False  # inductor's freezing (weights as constants): no per-call weight casts
+
+    @property
+    def name(self):
+        return f"{self.variant} {self.mode} b{self.batch}"
+
+
+TARGETS = [
+    Target("T", "infer", 256, "reduce-overhead", 28_000, 14_006, "compiled", None, ("cuda_graphs", "scan_config")),
+    Target("S", "infer", 256, "reduce-overhead", 22_000, 11_039, "compiled", None, ("cuda_graphs",)),
+    Target("B", "infer", 256, "reduce-overhead", 14_900, 7_434, "compiled", None, ("cuda_graphs",)),
+    Target("L2-512", "infer", 32, "reduce-overhead", 975, 650, "compiled", 2.19,
+           ("cuda_graphs", "scan_config", "head_padding")),
+    Target("L3-512", "infer", 32, "reduce-overhead", None, None, "-"),
+    Target("T", "train", 128, "reduce-overhead", 4_720, 2_359, "eager", 4.37),
+    Target("S", "train", 128, "reduce-overhead", 4_490, 2_244, "eager", 6.09),
+    Target("B", "train", 128, "reduce-overhead", 2_880, 1_442, "eager", 9.97),
+    Target("T", "latency", 1, "reduce-overhead", 1.3, 15.2, "eager", None, ("freezing", "scan_config"), True),
+]
+
+
+# Our speedups that a run can switch off for the ratio: what the baseline sets instead (module, name, value).
+ABLATIONS = {
+    "scan_config": ("selective_scan_triton", "INFER_CONFIG", (16, 8, 1)),  # the scan's launch config before
+    "head_padding": ("modeling_mambavision", "ATTENTION_HEAD_PADDING", 1),  # attention at head size 49
+    "cuda_graphs": None,  # torch.compile's default mode instead of reduce-overhead
+    "freezing": None,  # without inductor's freezing
+}
+
+
+@contextlib.contextmanager
+def ablated(name):
+    """Switch one of our speedups (``ABLATIONS``) off for a baseline run; None: everything on."""
+    if ABLATIONS.get(name) is None:
+        yield
+        return
+    module_name, attribute, baseline = ABLATIONS[name]
+    module = model_code.load(module_name)
+    kept = getattr(module, attribute)
+    setattr(module, attribute, baseline)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, kept)
 
 
 def build(variant, fold=False):
@@ -80,15 +148,18 @@ def print_profile(step, title, steps=5, rows=25):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
-def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
+def cuda_case(args, variant, mode, dtype_name, backend, compile_mode, batch=None, ablation=None, freezing=None):
+    torch._dynamo.reset()  # each case compiles from scratch
     os.environ[scan.ENV_BACKEND] = backend
+    compile_mode = "default" if ablation == "cuda_graphs" else compile_mode
+    freezing = (args.freezing if freezing is None else freezing) and mode != "train" and ablation != "freezing"
     model, size = build(variant, fold=args.fold and mode != "train")
     model = model.cuda().to(memory_format=torch.channels_last)
-    batch = {"infer": args.batch_size, "train": args.train_batch_size, "latency": 1}[mode]
+    batch = batch or {"infer": args.batch_size, "train": args.train_batch_size, "latency": 1}[mode]
     dtype = DTYPES[dtype_name]
     pixels = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    torch._inductor.config.freezing = args.freezing and mode != "train"
+    torch._inductor.config.freezing = freezing
     forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
     autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
     if mode == "train":
@@ -105,17 +176,33 @@ def cuda_case(args, variant, mode, dtype_name, backend, compile_mode):
         def step():
             with torch.no_grad(), autocast:
                 forward(pixels)
-    step()  # compile and autotune outside the timed region
-    torch.cuda.synchronize()
-    if args.profile:
-        print_profile(step, f"{variant} {mode} {dtype_name} {backend} {compile_mode}")
-    torch.cuda.reset_peak_memory_stats()
-    ms = time_cuda(step, args.warmup, args.iters)
+    with ablated(ablation):
+        started = time.perf_counter()
+        step()  # compile and autotune outside the timed region
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - started
+        torch.cuda.reset_peak_memory_stats()  # from here: profiled and timed steps, CUDA-graph recording included
+        if args.profile:
+            print_profile(step, f"{variant} {mode} b{batch} {dtype_name} {backend} {compile_mode} "
+                                f"{'without ' + ablation if ablation else ''}")
+        ms = time_cuda(step, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"variant": variant, "mode": mode, "batch": batch, "dtype": dtype_name, "scan": backend,
-            "compile": compile_mode + ("+freezing" if args.freezing and mode != "train" else ""),
-            "fold_bn": args.fold and mode != "train", "ms": ms,
-            "img_s": batch * 1e3 / ms, "peak_gib": peak}
+    return {"variant": variant, "mode": mode, "batch": batch, "size": size, "dtype": dtype_name, "scan": backend,
+            "compile": compile_mode + ("+freezing" if freezing else ""),
+            "fold_bn": args.fold and mode != "train", "without": ablation or "", "ms": ms,
+            "img_s": batch * 1e3 / ms, "peak_gib": peak, "first_s": first_s}
+
+
+def guarded_case(args, variant, mode, dtype_name, backend, compile_mode, batch=None, ablation=None, freezing=None):
+    """``cuda_case``, a failure reported as a row (the run goes on)."""
+    try:
+        row = cuda_case(args, variant, mode, dtype_name, backend, compile_mode, batch, ablation, freezing)
+    except Exception as error:  # report the failure in the table and go on
+        row = {"variant": variant, "mode": mode, "dtype": dtype_name, "scan": backend, "compile": compile_mode,
+               "without": ablation or "", "error": f"{type(error).__name__}: {error}"[:300]}
+    print(json.dumps(row), flush=True)
+    torch.cuda.empty_cache()
+    return row
 
 
 def run_cuda(args):
@@ -125,15 +212,55 @@ def run_cuda(args):
             for dtype_name in args.dtypes:
                 for backend in args.backends:
                     for compile_mode in args.compile_modes:
-                        try:
-                            row = cuda_case(args, variant, mode, dtype_name, backend, compile_mode)
-                        except Exception as error:  # report the failure in the table and go on
-                            row = {"variant": variant, "mode": mode, "dtype": dtype_name, "scan": backend,
-                                   "compile": compile_mode, "error": f"{type(error).__name__}: {error}"[:200]}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                        torch.cuda.empty_cache()
+                        rows.append(guarded_case(args, variant, mode, dtype_name, backend, compile_mode))
     return rows
+
+
+def run_targets(args):
+    """The issue's target cases (bf16, Triton scan), with ``--ablate`` each also without each of its speedups."""
+    results = []
+    for target in TARGETS:
+        if (args.variants_given and target.variant not in args.variants) or (
+                args.modes_given and target.mode not in args.modes):
+            continue
+        rows = [guarded_case(args, target.variant, target.mode, "bf16", "triton", target.compile_mode,
+                             batch=target.batch, ablation=ablation, freezing=target.freezing or args.freezing)
+                for ablation in (None, *(target.ablations if args.ablate else ()))]
+        results.append((target, rows))
+    return results
+
+
+def print_targets(results, device):
+    """The targets table (markdown): measured, goal, the original's figure, reached or not, peak memory."""
+    print(f"\n### Targets on {device}, torch {torch.__version__}, bf16 autocast, channels_last, Triton scan\n")
+    print("| case | compile | measured | target | reached | original | vs original | peak GiB | original peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for target, rows in results:
+        row = rows[0]
+        if "error" in row:
+            print(f"| {target.name} | {target.compile_mode} | error: {row['error'][:80]} | | no | | | | |")
+            continue
+        latency = target.mode == "latency"
+        value = row["ms"] if latency else row["img_s"]
+        unit = " ms" if latency else ""
+        reached = "-" if target.goal is None else (
+            "yes" if (value <= target.goal if latency else value >= target.goal) else "**no**")
+        original = f"{target.original:,g}{unit} ({target.original_run})" if target.original else "-"
+        ratio = (target.original / value if latency else value / target.original) if target.original else None
+        peak_ok = "" if target.original_peak_gib is None else (
+            f"{target.original_peak_gib:.2f}" + ("" if row["peak_gib"] <= target.original_peak_gib else " **exceeded**"))
+        goal = "-" if target.goal is None else (f"<= {target.goal:g} ms" if latency else f">= {target.goal:,.0f}")
+        print(f"| {target.name} ({row['size']}px) | {row['compile']} | {value:,.{2 if latency else 0}f}{unit} | "
+              f"{goal} | {reached} | {original} | {f'{ratio:.2f}x' if ratio else '-'} | {row['peak_gib']:.2f} | "
+              f"{peak_ok or '-'} |")
+    ablations = [(target, row, rows[0]) for target, rows in results for row in rows[1:]
+                 if "error" not in row and "error" not in rows[0]]
+    if ablations:
+        print("\n| case | speedup | with | without | ratio |\n|---|---|---|---|---|")
+        for target, without, with_ in ablations:
+            shown = (lambda r: f"{r['ms']:.2f} ms") if target.mode == "latency" else (lambda r: f"{r['img_s']:,.0f} img/s")
+            print(f"| {target.name} | {without['without']} | {shown(with_)} | {shown(without)} | "
+                  f"{with_['img_s'] / without['img_s']:.3f}x |")
 
 
 def run_cpu(args):
@@ -157,8 +284,9 @@ def run_cpu(args):
 
 def print_table(rows):
     rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
-    columns = [c for c in ("variant", "model", "mode", "batch", "dtype", "scan", "compile", "fold_bn", "threads",
-                           "ms", "img_s", "peak_gib", "error") if any(c in r for r in rows)]
+    columns = [c for c in ("variant", "model", "mode", "batch", "size", "dtype", "scan", "compile", "fold_bn",
+                           "without", "threads", "ms", "img_s", "peak_gib", "first_s", "error")
+               if any(c in r for r in rows)]
 
     def cell(value):
         return f"{value:,.2f}" if isinstance(value, float) else str(value)
@@ -174,8 +302,14 @@ def print_table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", nargs="+", default=["T"], help="T, T2, S, B, L, L2 or a Hub variant name")
-    parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"), default=["infer"])
+    parser.add_argument("--targets", action="store_true",
+                        help="run the speed targets' cases (GPU) and print them against targets and the original")
+    parser.add_argument("--ablate", action="store_true",
+                        help="with --targets, also run each case without each of our speedups that applies (ratios)")
+    parser.add_argument("--variants", nargs="+", help="T, T2, S, B, L, L2, L2-512, L3-512 or a Hub variant name "
+                        "(default T; with --targets, a filter)")
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
+                        help="default infer; with --targets, a filter")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["bf16"])
     parser.add_argument("--backends", nargs="+", choices=("torch", "triton", "mamba_ssm"), default=["triton"])
     parser.add_argument("--compile-modes", nargs="+", default=["eager"],
@@ -194,15 +328,23 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    args.variants_given, args.variants = args.variants is not None, args.variants or ["T"]
+    args.modes_given, args.modes = args.modes is not None, args.modes or ["infer"]
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
-        rows = run_cuda(args)
         device = torch.cuda.get_device_name()
+        if args.targets:
+            results = run_targets(args)
+            rows = [row for _, case_rows in results for row in case_rows]
+        else:
+            rows = run_cuda(args)
     else:
         rows = run_cpu(args)
         device = f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{device}, torch {torch.__version__}")
     print_table(rows)
+    if args.device == "cuda" and args.targets:
+        print_targets(results, device)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))
 
