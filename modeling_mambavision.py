@@ -481,6 +481,11 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
         self.batchnorm_folded = True
         return self
 
+    def get_input_embeddings(self):
+        """The stem: it turns pixels into the first feature map (what accelerate's FSDP and
+        ``enable_input_require_grads`` ask for)."""
+        return self.model.patch_embed
+
     def train(self, mode=True):
         if mode and self.batchnorm_folded:
             raise RuntimeError(_FOLDED.format(action="train"))

@@ -31,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import scale_utils
+from mambavision_tools import hub_folder
 from scale_utils import fail
 
 # transformers 5.2x renamed gradient_checkpointing (the old name warns); 4.57 knows only that one
@@ -231,19 +232,10 @@ def training_arguments(args, model, output_dir, evaluate):
     return training_args
 
 
-def answer_input_embeddings(model):
-    """accelerate's FSDP2 setup asks the model for its input embeddings (to shard them on their own), which
-    PreTrainedModel answers with NotImplementedError where there is no token embedding: answer "none"."""
-    try:
-        model.get_input_embeddings()
-    except NotImplementedError:
-        model.get_input_embeddings = lambda: None
-
-
-def save_model_folder(trainer, model_class, processor, output_dir):
+def save_model_folder(trainer, model_class, output_dir):
     """Weights (gathered from every process: FSDP shards too), config with the labels, model code, processor.
 
-    The weights go into a new model of the original class, which saves its own code and ``auto_map``: under
+    The weights go into a new model of the original class, saved by the repository's Hub-folder recipe: under
     FSDP2 the trained model's class is a subclass made by torch, whose module and name would be saved instead.
     """
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every process takes part
@@ -251,8 +243,7 @@ def save_model_folder(trainer, model_class, processor, output_dir):
         with torch.device("meta"):  # no memory, no initialisation: the weights come next
             model = model_class(trainer.model.config)
         model.load_state_dict(state_dict, assign=True)
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        hub_folder.save_model_folder(model, output_dir)
 
 
 def base_card_data(model):
@@ -383,8 +374,6 @@ def main(argv=None):
     # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
     # across processes (it takes model code whose forward has **kwargs to normalise by num_items_in_batch).
     model.accepts_loss_kwargs = False
-    if args.fsdp:
-        answer_input_embeddings(model)
     if args.synthetic:
         train_set = SyntheticImages(args.synthetic, len(labels), model.config.image_size, args.seed)
         eval_set = None
@@ -406,7 +395,7 @@ def main(argv=None):
             metrics.update(trainer.evaluate())
         if args.synthetic:
             return 0
-        save_model_folder(trainer, model_class, processor, output_dir)
+        save_model_folder(trainer, model_class, output_dir)
 
     if trainer.is_world_process_zero():
         output_dir = Path(args.output_dir)
