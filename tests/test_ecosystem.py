@@ -1,6 +1,6 @@
-"""MambaVision in the transformers/timm ecosystem: pipelines, Trainer, AutoBackbone with UperNet,
-torch.compile / torch.export / ONNX. References are timm's own transform and eager outputs. The image processor
-has tests/test_image_processor.py; other transformers versions, tests/test_compat.py."""
+"""MambaVision in the transformers/timm ecosystem: pipelines, Trainer, AutoBackbone with UperNet. References are
+timm's own transform and eager outputs. The image processor has tests/test_image_processor.py; torch.compile,
+torch.export and ONNX, tests/test_export.py; other transformers versions, tests/test_compat.py."""
 
 import huggingface_hub
 import numpy as np
@@ -246,42 +246,3 @@ def test_upernet_with_mambavision_backbone(registered_backbone):
     output.loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
-
-
-# ---------------------------------------------------------------------------------------------------------
-# torch.compile, torch.export, ONNX (pure-PyTorch scan, float32, CPU)
-
-
-@pytest.fixture(scope="module")
-def eager(folder):
-    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    pixels = torch.randn(3, 3, 72, 56, generator=torch.Generator().manual_seed(1))  # padded windows included
-    with torch.no_grad():
-        logits = model(pixels).logits
-    return model, pixels, logits
-
-
-def test_torch_compile_fullgraph(eager):
-    model, pixels, logits = eager
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(pixels).logits, logits, rtol=1e-4, atol=1e-4)
-
-
-def test_torch_export_with_dynamic_batch(eager):
-    model, pixels, logits = eager
-    program = torch.export.export(model, (pixels[:2],), dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}})
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(pixels).logits, logits, rtol=1e-4, atol=1e-4)
-
-
-def test_onnx_export_runs_in_onnxruntime(eager, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    model, pixels, logits = eager
-    path = tmp_path / "mambavision.onnx"
-    torch.onnx.export(model, (pixels[:2],), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"],
-                      dynamic_shapes={"pixel_values": {0: "batch"}}, verbose=False)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
-    torch.testing.assert_close(torch.from_numpy(onnx_logits), logits, rtol=1e-4, atol=1e-4)

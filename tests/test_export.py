@@ -1,0 +1,107 @@
+"""torch.compile, torch.export and ONNX on the PyTorch scan (CPU, float32): outputs against eager at resolutions
+other than the traced one, dynamic batch, height and width, and one static graph per new resolution."""
+
+import pytest
+import torch
+
+from conftest import modeling, randomize_batchnorm, tiny_config
+from mambavision_tools import model_code
+
+scan = model_code.load("selective_scan")
+
+TRACED = (2, 3, 200, 136)  # both windowed levels pad their maps (13x9 -> 16x12 and 7x5 -> 8x6)
+OTHERS = [(1, 3, 64, 64), (3, 3, 100, 37), (1, 3, 224, 160)]  # one window per level, odd sizes, batch 1 and 3
+DYNAMIC = {"pixel_values": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny classifier with a mixer and an attention block at each windowed level."""
+    torch.manual_seed(0)
+    return randomize_batchnorm(modeling.MambaVisionModelForImageClassification(tiny_config(depths=[1, 1, 1, 2]))).eval()
+
+
+def pixels(shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def eager_logits(model, shape):
+    with torch.no_grad():
+        return model(pixels(shape)).logits
+
+
+@pytest.fixture(scope="module")
+def exported(model):
+    """torch.export with dynamic batch, height and width; size-oblivious, so a map or window count of 1 at some
+    resolution does not specialise the program (PyTorch's documented switch against 0/1 specialisation)."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        return torch.export.export(model, (pixels(TRACED),), dynamic_shapes=DYNAMIC)
+
+
+def test_export_with_dynamic_batch_height_and_width(model, exported):
+    assert len(exported.range_constraints) == 3  # batch, height and width stayed symbolic
+    for shape in OTHERS:
+        with torch.no_grad():
+            got = exported.module()(pixels(shape)).logits
+        torch.testing.assert_close(got, eager_logits(model, shape), rtol=1e-4, atol=1e-4, msg=str(shape))
+
+
+def test_onnx_export_runs_in_onnxruntime_at_other_resolutions(model, exported, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "mambavision.onnx"
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        torch.onnx.export(exported, f=path, dynamo=True, input_names=["pixel_values"], output_names=["logits"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch, channels, height, width = session.get_inputs()[0].shape  # symbolic sizes are names
+    assert channels == 3 and all(isinstance(size, str) for size in (batch, height, width)), (batch, height, width)
+    for shape in OTHERS:
+        (logits,) = session.run(["logits"], {"pixel_values": pixels(shape).numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), eager_logits(model, shape), rtol=1e-4, atol=1e-4,
+                                   msg=str(shape))
+
+
+def test_exported_scan_is_not_unrolled_over_tokens():
+    """The chunked scan's graph grows with log(length), not length: 1,024 tokens (a 512-input window) export to
+    a few dozen operations, where a loop over tokens would give thousands."""
+
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, A, B, C, D, delta_bias):
+            return scan.selective_scan_chunked(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
+
+    def operations(length):
+        inputs = (torch.randn(2, 4, length), torch.randn(2, 4, length), -torch.rand(4, 8) - 0.5,
+                  torch.randn(2, 8, length), torch.randn(2, 8, length), torch.randn(4), torch.randn(4))
+        graph = torch.export.export(Scan(), inputs).graph
+        return sum(node.op == "call_function" for node in graph.nodes)
+
+    short, long = operations(16), operations(1024)
+    assert long < 150 and long - short < 60, (short, long)
+
+
+def test_torch_compile_fullgraph(model):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # inductor's C++ backend on CPU; raises on any graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixels(TRACED)).logits, eager_logits(model, TRACED), rtol=1e-4, atol=1e-4)
+
+
+def test_second_resolution_compiles_one_static_graph(model):
+    """With ``dynamic=False`` (the README's advice) a new resolution is one more static graph: no symbolic
+    sizes in it, and going back to the first resolution reuses the first graph."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=capture, dynamic=False, fullgraph=True)
+    first, second = (2, 3, 96, 64), (2, 3, 128, 160)
+    with torch.no_grad():
+        for shape in (first, second, first, second):
+            torch.testing.assert_close(compiled(pixels(shape)).logits, eager_logits(model, shape), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 2
+    for graph in graphs:
+        sizes = [size for node in graph.graph.nodes if node.op == "placeholder"
+                 for size in getattr(node.meta.get("example_value"), "shape", ())]
+        assert sizes and all(type(size) is int for size in sizes), sizes
