@@ -33,12 +33,14 @@ needs_reference = pytest.mark.skipif(
 )
 
 
+# The test suite's one tiny architecture: mixer and attention blocks at both windowed levels, widths 8-64.
+TINY_ARCHITECTURE = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
+                         mlp_ratio=2.0, drop_path_rate=0.0)
+
+
 def tiny_config(**overrides):
-    """A very small MambaVision with mixer and attention blocks at both windowed levels."""
-    fields = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
-                  mlp_ratio=2.0, drop_path_rate=0.0, num_labels=5)
-    fields.update(overrides)
-    return configuration.MambaVisionConfig(**fields)
+    """``TINY_ARCHITECTURE`` with a 5-class head; ``overrides`` are further config fields."""
+    return configuration.MambaVisionConfig(**{**TINY_ARCHITECTURE, "num_labels": 5, **overrides})
 
 
 def randomize_batchnorm(model):

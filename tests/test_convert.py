@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoModelForImageClassification
 from transformers import modeling_utils
 
 from mambavision_tools import conversion, model_code, publishing, variants
-from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, assert_close_relative, modeling,
+from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, TINY_ARCHITECTURE, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
 from mambavision_tools.checkpoints import convert_state_dict, original_key, original_state_dict, rename_key
@@ -33,8 +33,7 @@ from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
-TINY_ARCHITECTURE = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
-                         mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5)
+LAYER_SCALED = {**TINY_ARCHITECTURE, "layer_scale": 0.5}  # the tiny architecture, as a --config file holds it
 # end to end in CI (random weights, reloaded strictly and verified): T with sharding, B, a 512-pixel 21K variant
 END_TO_END = {"MambaVision-T-1K": ["--verify", "--max-shard-size", "50MB"], "MambaVision-B-1K": ["--verify"],
               "MambaVision-L2-512-21K": ["--verify"]}
@@ -79,7 +78,7 @@ def tiny(tmp_path):
     config = tiny_config(num_labels=5, layer_scale=0.5)
     state_dict = random_original_state_dict(config)
     config_file = tmp_path / "architecture.json"
-    config_file.write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 5}))
+    config_file.write_text(json.dumps({**LAYER_SCALED, "num_classes": 5}))
     checkpoint = tmp_path / "original.pth.tar"
     torch.save({"state_dict": state_dict, "epoch": 3}, checkpoint)
     out = tmp_path / "out"
@@ -371,7 +370,7 @@ def test_overwrite_refuses_to_delete_what_it_did_not_write(intruder, tiny, capsy
 
 
 def test_refuses_unknown_config_field(tiny, capsys):
-    tiny["config"].write_text(json.dumps({**TINY_ARCHITECTURE, "depth": [1, 1, 1, 1]}))
+    tiny["config"].write_text(json.dumps({**LAYER_SCALED, "depth": [1, 1, 1, 1]}))
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], "unknown field(s)", "depth")
 
 
@@ -657,7 +656,7 @@ def test_a_write_the_system_refuses_is_one_line(tiny):
     ("id2label", {"0": "a", "2": "b"}, "invalid id2label"),
 ])
 def test_refuses_invalid_config_values(field, value, fragment, tiny, capsys):
-    tiny["config"].write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 5, field: value}))
+    tiny["config"].write_text(json.dumps({**LAYER_SCALED, "num_classes": 5, field: value}))
     tiny["checkpoint"].unlink()  # refused before any checkpoint is read
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], fragment, str(tiny["config"]))
 
@@ -709,7 +708,7 @@ def tiny_variants(tmp_path):
     originals.mkdir()
     entries = {}
     for i, (name, layer_scale) in enumerate((("Tiny-A", None), ("Tiny-B", 0.5))):
-        architecture = {**TINY_ARCHITECTURE, "layer_scale": layer_scale, "num_labels": 3}
+        architecture = {**LAYER_SCALED, "layer_scale": layer_scale, "num_labels": 3}
         variant = Variant(name, f"someone/{name}", f"{name.lower()}.pth.tar", architecture, imagenet_labels=False)
         config = build_config(variant)
         torch.save({"state_dict": random_original_state_dict(config, seed=i)}, originals / variant.checkpoint)
@@ -816,7 +815,7 @@ def test_card_metadata_parses_back(name):
 
 
 def test_card_takes_license_and_description_from_the_entry():
-    variant = Variant("Our-Demo", "us/Our-Demo", None, dict(TINY_ARCHITECTURE, num_labels=3), imagenet_labels=False,
+    variant = Variant("Our-Demo", "us/Our-Demo", None, dict(LAYER_SCALED, num_labels=3), imagenet_labels=False,
                       datasets=("us/flowers",), description="A demo trained by us on flowers.",
                       license={"license": "apache-2.0", "title": "Apache License 2.0", "terms": "Use it freely."})
     card, _ = _render(variant, "us/Our-Demo")

@@ -25,7 +25,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 import extract_features
 import finetune
-from conftest import ROOT, configuration, modeling, randomize_batchnorm
+from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
 from mambavision_tools.hub_folder import save_model_folder
 
 LOSS_RTOL = 1e-5  # float32 on the CPU; gradients summed in another order (all-reduce vs accumulation)
@@ -51,9 +51,7 @@ def torchrun(script, *args, **popen_kwargs):
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny converted classifier (32x32 inputs) whose card names a license."""
-    config = configuration.MambaVisionConfig(
-        depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8, mlp_ratio=2.0,
-        drop_path_rate=0.0, image_size=32, crop_pct=0.875, num_labels=5)
+    config = tiny_config(image_size=32, crop_pct=0.875)
     torch.manual_seed(0)
     model = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(config).eval())
     folder = tmp_path_factory.mktemp("model") / "MambaVision-tiny"

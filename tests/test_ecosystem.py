@@ -15,7 +15,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
-from conftest import configuration, modeling, randomize_batchnorm
+from conftest import TINY_ARCHITECTURE, configuration, modeling, randomize_batchnorm
 from mambavision_tools.hub_folder import save_model_folder
 
 IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (width, height)
@@ -23,10 +23,8 @@ IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (wid
 
 def tiny_imagenet_config(**overrides):
     """A tiny MambaVision with NVIDIA's default head: 1000 ImageNet classes, named."""
-    fields = dict(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2], dim=8, in_dim=8,
-                  mlp_ratio=2.0, drop_path_rate=0.0, layer_scale=0.5, layer_scale_conv=0.5, crop_pct=0.875)
-    fields.update(overrides)
-    return configuration.MambaVisionConfig(**fields)
+    fields = dict(layer_scale=0.5, layer_scale_conv=0.5, crop_pct=0.875)
+    return configuration.MambaVisionConfig(**{**TINY_ARCHITECTURE, **fields, **overrides})
 
 
 def save_tiny_folder(folder, **overrides):
