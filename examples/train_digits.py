@@ -1,15 +1,18 @@
 """Train MambaVision-Digits from scratch with transformers' Trainer, and save it as an original checkpoint.
 
-    .venv/bin/python examples/train_digits.py    # about a minute on 2 CPU cores; rewrites the files in checkpoints/
+    .venv/bin/python examples/train_digits.py    # a few minutes on 2 CPU cores; rewrites the files in checkpoints/
 
 The architecture and preprocessing are the ``MambaVision-Digits`` entry of ``variants.py``; the data is
 scikit-learn's handwritten digits (``digits.py``: the fixed 80/20 split), through the project's image processor,
-so training, evaluation and the converted model's pipeline see the same pixels. Seeded: a rerun reproduces the
-held-out accuracy. The result is what NVIDIA publishes: ``{"state_dict": <original names>, "epoch": N}`` in a
-``.pth.tar`` (plus the model's config fields as JSON), for ``convert_checkpoint.py`` to convert.
+so training, evaluation and the converted model's pipeline see the same pixels. Deterministic: seeded, PyTorch's
+deterministic algorithms, 2 threads; a rerun with the same code and torch on the same kind of CPU writes the same
+file (other CPUs round matrix products differently, which moves the result by a few held-out images). The result
+is what NVIDIA publishes: ``{"state_dict": <original names>, "epoch": N}`` in a ``.pth.tar`` (plus the model's
+config fields as JSON), for ``convert_checkpoint.py`` to convert.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from mambavision_tools.configs import build_config
 from mambavision_tools.variants import PROJECT_VARIANTS
 
 STATS_TOLERANCE = 5e-4  # the variant stores the dataset's mean/std to 4 decimals
+THREADS = 2  # fixed, so that the machine's core count does not change how sums are split (and rounded)
 
 
 def image_processor(config):
@@ -53,6 +57,19 @@ def accuracy(eval_prediction):
     return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
+@contextlib.contextmanager
+def deterministic():
+    """PyTorch's deterministic algorithms on ``THREADS`` threads, as before afterwards."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_num_threads(before[1])
+
+
 def train(output_dir, epochs, seed=0, max_steps=-1):
     """Train, evaluate on the held-out split and write the checkpoint and config JSON; returns the metrics."""
     variant = PROJECT_VARIANTS[digits.VARIANT]
@@ -65,7 +82,7 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
 
     set_seed(seed)
     model = model_code.load("modeling_mambavision").MambaVisionModelForImageClassification(config)
-    with tempfile.TemporaryDirectory() as scratch:  # Trainer's output folder; nothing is saved there
+    with tempfile.TemporaryDirectory() as scratch, deterministic():  # scratch: Trainer's folder, nothing is saved
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=64,
             per_device_eval_batch_size=128, learning_rate=3e-3, weight_decay=0.05, lr_scheduler_type="cosine",

@@ -1,0 +1,180 @@
+"""Run the README's code blocks as written, in document order, on a fresh copy of the repository, offline.
+
+    .venv/bin/python tests/readme_check.py [README.md]      # prints each block's outcome; exit 1 if one fails
+
+```python blocks run in one namespace, one after the other (as in a notebook); ```bash blocks run with bash in the
+copy's root, after the install command (the copy uses this checkout's .venv). Blocks in other languages, or none
+(sample output), are text. What the README leaves to the reader is provided:
+
+- Hub model ids (``nvidia/MambaVision-...``) and the names ``repo`` and ``folder``: a tiny converted folder
+  (random weights, ImageNet head).
+- ``image``: a PIL image; ``cat.jpg``: a photo file in the working folder.
+- ``id2label``, ``label2id``, ``train``, ``val``: two classes and tiny datasets of
+  ``{"pixel_values", "labels"}`` examples.
+- ``pets/train``, ``pets/val``: ImageFolder trees (a folder of images per class); ``photos/``: a folder of images.
+
+A block that cannot run here says why on the line before it, ``<!-- readme-check: skip: REASON -->`` (an
+upload to the Hub, a GPU, several processes, the install itself); the check lists those blocks with their reason.
+A bash block that installs (``scripts/install.sh``, ``pip install``) or runs the suite must be marked: the copy
+shares this checkout's .venv.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it: nothing may come from the network
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^```(\S*)\s*$")
+SKIP = re.compile(r"<!--\s*readme-check:\s*skip:\s*(.*?)\s*-->")
+HUB_ID = re.compile(r"\bnvidia/MambaVision-[\w.-]+")
+INSTALLS = re.compile(r"scripts/install\.sh|pip install|pytest")  # would change .venv, or run the suite itself
+RUNNABLE = ("python", "bash")
+BASH_TIMEOUT = 600
+
+
+@dataclass
+class Block:
+    language: str
+    code: str
+    line: int  # of the opening fence, 1-based
+    skip: str = None  # the reason given in the marker, if any
+
+
+def blocks(text):
+    """The fenced code blocks of a Markdown text, each with the skip reason marked on the line before it."""
+    found, lines, index = [], text.splitlines(), 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        end = next((j for j in range(index + 1, len(lines)) if lines[j].strip() == "```"), None)
+        if end is None:
+            raise ValueError(f"README line {index + 1}: a code block that is never closed")
+        before = lines[index - 1] if index else ""
+        marker = SKIP.search(before)
+        if marker and not marker.group(1):
+            raise ValueError(f"README line {index}: a skip marker needs its reason")
+        found.append(Block(opening.group(1).lower(), "\n".join(lines[index + 1 : end]) + "\n", index + 1,
+                           marker.group(1) if marker else None))
+        index = end + 1
+    return found
+
+
+def fresh_copy(destination):
+    """The checkout's files (tracked, and new ones not ignored) copied to ``destination``, with its .venv."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    (destination / ".venv").symlink_to(ROOT / ".venv")
+
+
+def provide_placeholders(workdir):
+    """Make the files and objects the README leaves to the reader; returns the namespace of the python blocks."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from mambavision_tools import model_code
+    from mambavision_tools.hub_folder import save_model_folder
+
+    configuration, modeling = model_code.load("configuration_mambavision"), model_code.load("modeling_mambavision")
+    torch.manual_seed(0)
+    config = configuration.MambaVisionConfig(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2],
+                                             dim=8, in_dim=8, mlp_ratio=2.0, drop_path_rate=0.0, image_size=64)
+    folder = workdir / "placeholders" / "MambaVision-tiny"
+    save_model_folder(modeling.MambaVisionModelForImageClassification(config).eval(), folder)
+
+    rng = np.random.default_rng(0)
+
+    def picture(seed_offset=0, size=(48, 40)):
+        gradient = np.linspace(0, 255, size[0])[None, :, None] * np.array([1.0, 0.5, 0.2])
+        noise = rng.normal(0, 40 + seed_offset, (size[1], size[0], 3))
+        return Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8))
+
+    image = picture()
+    image.save(workdir / "cat.jpg")
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (workdir / "pets" / split / label).mkdir(parents=True)
+            for i in range(3):
+                picture(i).save(workdir / "pets" / split / label / f"{i}.png")
+    (workdir / "photos").mkdir()
+    for i in range(5):
+        picture(i).save(workdir / "photos" / f"photo{i}.jpg")
+
+    processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
+    pixels = processor([picture(i) for i in range(4)], return_tensors="pt")["pixel_values"]
+    examples = [{"pixel_values": p, "labels": i % 2} for i, p in enumerate(pixels)]
+    return {"__name__": "__main__", "repo": str(folder), "folder": str(folder), "image": image,
+            "id2label": {0: "cat", 1: "dog"}, "label2id": {"cat": 0, "dog": 1}, "train": examples, "val": examples}
+
+
+def with_hub_ids_replaced(code, folder):
+    return HUB_ID.sub(str(folder), code)
+
+
+def run(readme=ROOT / "README.md", log=print):
+    """Run every block of ``readme``; returns (failures, skipped): lists of (block, message)."""
+    all_blocks = [b for b in blocks(Path(readme).read_text()) if b.language in RUNNABLE]
+    failures, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="readme-check-") as scratch:
+        workdir = Path(scratch) / "MambaVision"
+        workdir.mkdir()
+        fresh_copy(workdir)
+        os.chdir(workdir)
+        namespace = provide_placeholders(workdir)
+        folder = namespace["folder"]
+        env = dict(os.environ, HF_HOME=str(Path(scratch) / "hf"), HF_HUB_OFFLINE="1")
+        for block in all_blocks:
+            where = f"README.md line {block.line} ({block.language})"
+            if block.skip:
+                skipped.append((block, block.skip))
+                log(f"skip  {where}: {block.skip}")
+                continue
+            if block.language == "bash" and INSTALLS.search(block.code):
+                message = "installs into .venv or runs the test suite: mark it <!-- readme-check: skip: REASON -->"
+                failures.append((block, message))
+                log(f"FAIL  {where}: {message}")
+                continue
+            start = time.monotonic()
+            code = with_hub_ids_replaced(block.code, folder)
+            if block.language == "python":
+                try:
+                    exec(compile(code, where, "exec"), namespace)
+                    message = None
+                except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
+                    message = traceback.format_exc(limit=-3)
+            else:
+                result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir, env=env,
+                                        capture_output=True, text=True, timeout=BASH_TIMEOUT)
+                message = None if result.returncode == 0 else f"exit {result.returncode}\n{result.stderr[-3000:]}"
+            seconds = time.monotonic() - start
+            if message:
+                failures.append((block, message))
+                log(f"FAIL  {where} after {seconds:.1f} s:\n{block.code}{message}")
+            else:
+                log(f"ok    {where} ({seconds:.1f} s)")
+        os.chdir(ROOT)
+    return failures, skipped
+
+
+if __name__ == "__main__":
+    failures, skipped = run(sys.argv[1] if len(sys.argv) > 1 else ROOT / "README.md")
+    print(f"{len(failures)} failed, {len(skipped)} skipped (marked)")
+    sys.exit(1 if failures else 0)

@@ -1,0 +1,39 @@
+"""Every README code block runs as written (tests/readme_check.py: a fresh copy of the repository, offline, Hub
+ids and the reader's placeholders provided); blocks that cannot run here are marked with their reason."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import readme_check
+from conftest import ROOT
+
+
+def test_marked_blocks_name_their_reason_and_markers_sit_on_blocks():
+    text = (ROOT / "README.md").read_text()
+    found = readme_check.blocks(text)
+    assert found, "no code blocks found in README.md"
+    markers = len(re.findall(r"^<!--\s*readme-check:", text, flags=re.MULTILINE))
+    assert markers == sum(block.skip is not None for block in found), "a readme-check marker not right above a block"
+    assert all(block.skip.strip() for block in found if block.skip is not None)
+
+
+def test_marker_parsing():
+    text = "intro\n<!-- readme-check: skip: needs a GPU -->\n```python\nx = 1\n```\n\n```bash\necho hi\n```\n```\noutput\n```\n"
+    first, second, third = readme_check.blocks(text)
+    assert (first.language, first.skip, first.line, first.code) == ("python", "needs a GPU", 3, "x = 1\n")
+    assert (second.language, second.skip) == ("bash", None)
+    assert third.language == ""
+    with pytest.raises(ValueError, match="never closed"):
+        readme_check.blocks("```python\nx = 1\n")
+    assert readme_check.with_hub_ids_replaced('f("nvidia/MambaVision-L3-512-21K")', "/x") == 'f("/x")'
+
+
+def test_readme_blocks_run_as_written():
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_check.py")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200)
+    summary = [line for line in result.stdout.splitlines() if line.startswith(("ok", "skip", "FAIL"))]
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert any(line.startswith("ok") for line in summary)
