@@ -9,16 +9,17 @@ Every backend has the signature of ``mamba_ssm.ops.selective_scan_interface.sele
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (state (dim, d_state), float32)
     y_t   = <h_t, C_t> + D * u_t,  then  y * silu(z)          (when z is given)
 
-Backends (``SCAN_BACKENDS``): ``torch`` (``selective_scan_chunked`` here: loop-free PyTorch, runs anywhere,
-differentiable, exports), ``triton`` (``selective_scan_triton.py``: CUDA, power-of-two d_state, no z) and
-``mamba_ssm`` (its CUDA kernel, when installed). ``resolve_backend`` makes the one choice;
-``MAMBAVISION_SCAN_BACKEND`` or the config's ``scan_backend`` force a backend, ``auto`` takes the fastest
-that supports the tensors at hand and passes a self-check. ``selective_scan_ref`` is the step-by-step
-reference the others are tested against.
+Backends (``SCAN_BACKENDS``): ``torch`` (this file: runs anywhere, differentiable; ``selective_scan_chunked``,
+loop-free, for compiled and exported graphs and GPUs, the step loop ``selective_scan_ref`` in eager on a CPU),
+``triton`` (``selective_scan_triton.py``: CUDA, power-of-two d_state, no z) and ``mamba_ssm`` (its CUDA
+kernel, when installed). ``resolve_backend`` makes the one choice; ``MAMBAVISION_SCAN_BACKEND`` or the
+config's ``scan_backend`` force a backend, ``auto`` takes the fastest that supports the tensors at hand and
+passes a self-check. ``selective_scan_ref`` is also the reference the others are tested against.
 """
 
 import importlib
 import logging
+import math
 import os
 
 import torch
@@ -64,7 +65,7 @@ def selective_scan_ref(
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """The recurrence without a loop over tokens, in float32: the ``torch`` backend (CPU, export, ONNX).
+    """The recurrence without a loop over tokens, in float32: compiled and exported graphs, GPUs.
 
     Within a chunk the decays are a cumulative sum in log space, h_t = sum_s exp(S_t - S_s) x_s, computed
     as exp(S_t - m) * cumsum(exp(m - S_s) x_s) around the chunk's middle m; the chunks' end states follow
@@ -73,28 +74,33 @@ def selective_scan_chunked(
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _float32_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-        log_decay = delta.unsqueeze(-1) * A[:, None, :]  # (b, d, L, n)
-        drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
+        u_t, delta_t = u.transpose(1, 2), delta.transpose(1, 2)  # (b, L, d): the mixer's token layout in memory
+        log_decay = delta_t.unsqueeze(-1) * A  # (b, L, d, n)
+        drive = (delta_t * u_t).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2)  # (b, L, d, n)
         states = _linear_recurrence(log_decay, drive)
-        y = torch.einsum("bdln,bnl->bdl", states, C)
+        y = (states * C.transpose(1, 2).unsqueeze(2)).sum(-1).transpose(1, 2)  # (b, L, d) -> (b, d, L)
         y = _output(y, u, D, z)
-    return (y.to(dtype), states[:, :, -1]) if return_last_state else y.to(dtype)
+    return (y.to(dtype), states[:, -1]) if return_last_state else y.to(dtype)
 
 
 def _linear_recurrence(log_decay, drive):
-    """States of h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim -2 of (..., L, n)."""
-    length = log_decay.shape[-2]
+    """States of h_t = exp(log_decay_t) * h_{t-1} + drive_t from h_{-1} = 0, along dim 1 of (b, L, d, n)."""
+    length = log_decay.shape[1]
     pad = -length % CHUNK  # padded steps keep the state (decay 1, drive 0) and are cut off below
-    log_decay = F.pad(log_decay.clamp(min=LOG_DECAY_FLOOR), (0, 0, 0, pad)).unflatten(-2, (-1, CHUNK))
-    drive = F.pad(drive, (0, 0, 0, pad)).unflatten(-2, (-1, CHUNK))  # (..., chunks, CHUNK, n)
-    cumulative = log_decay.cumsum(-2)  # S_t, in [CHUNK * floor, 0]
+    log_decay = log_decay.clamp(min=LOG_DECAY_FLOOR)
+    if pad:
+        log_decay, drive = F.pad(log_decay, (0, 0, 0, 0, 0, pad)), F.pad(drive, (0, 0, 0, 0, 0, pad))
+    chunks = (length + pad) // CHUNK
+    cumulative = log_decay.unflatten(1, (chunks, CHUNK)).cumsum(2)  # S_t within each chunk, in [CHUNK * floor, 0]
     middle = CHUNK * LOG_DECAY_FLOOR / 2
-    states = torch.exp(cumulative - middle) * (torch.exp(middle - cumulative) * drive).cumsum(-2)
-    if states.shape[-3] > 1:  # carry each chunk's incoming state: the recurrence over the chunks' ends
-        ends = _linear_recurrence(cumulative[..., -1, :], states[..., -1, :])
-        incoming = F.pad(ends, (0, 0, 1, -1)).unsqueeze(-2)  # the state before each chunk, zero for the first
-        states = states + torch.exp(cumulative) * incoming
-    return states.flatten(-3, -2)[..., :length, :]
+    scale = torch.exp(cumulative - middle)
+    states = scale * (torch.exp(middle - cumulative) * drive.unflatten(1, (chunks, CHUNK))).cumsum(2)
+    if chunks > 1:  # carry in each chunk's incoming state, from the same recurrence over the chunks' ends
+        ends = _linear_recurrence(cumulative[:, :, -1], states[:, :, -1])  # (b, chunks, d, n)
+        incoming = F.pad(ends, (0, 0, 0, 0, 1, -1)).unsqueeze(2)  # the state before each chunk, zero for the first
+        states = torch.addcmul(states, scale, incoming, value=math.exp(middle))  # + exp(S_t) * incoming
+    states = states.flatten(1, 2)
+    return states[:, :length] if pad else states
 
 
 def _float32_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
@@ -226,7 +232,14 @@ def resolve_backend(requested, device, d_state, dtype):
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend="auto"):
-    """Dispatch to the chosen backend (see ``resolve_backend``)."""
+    """Dispatch to the chosen backend (see ``resolve_backend``). The ``torch`` backend runs the chunked scan,
+    except in eager mode on a CPU: there the step loop is faster (its steps are small, and the chunked form
+    makes about a dozen full passes over the (b, L, d, n) states; benchmarks/NOTES.md has the numbers)."""
     name = resolve_backend(backend, u.device, A.shape[1], u.dtype)
-    scan = selective_scan_chunked if name == "torch" else _kernel(name)
+    if name != "torch":
+        scan = _kernel(name)
+    elif u.device.type == "cpu" and not torch.compiler.is_compiling():
+        scan = selective_scan_ref
+    else:
+        scan = selective_scan_chunked
     return scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FIXTURE_NAMES, FIXTURE_SIZES, assert_close_relative, load_fixture, modeling, needs_shared
 from mambavision_tools import model_code
 
 scan = model_code.load("selective_scan")
@@ -26,14 +27,19 @@ def naive_scan(u, delta, A, B, C, D, delta_bias):
 
 
 def random_problem(batch, dim, d_state, length, seed, delta_scale=0.5, dtype=torch.float32):
-    """Inputs as the mixer gives them: u, delta, B, C in ``dtype``; A (negative), D, delta_bias in float32."""
+    """Inputs as the mixer gives them: u, delta, B, C in ``dtype``, (batch, channels, length) views of
+    token-major (batch, length, channels) memory; A (negative), D, delta_bias in float32."""
     gen = torch.Generator().manual_seed(seed)
+
+    def tokens(channels, scale=1.0):
+        return (torch.randn(batch, length, channels, generator=gen) * scale).to(dtype).transpose(1, 2)
+
     tensors = dict(
-        u=torch.randn(batch, dim, length, generator=gen).to(dtype),
-        delta=(torch.randn(batch, dim, length, generator=gen) * delta_scale).to(dtype),
+        u=tokens(dim),
+        delta=tokens(dim, delta_scale),
         A=-torch.exp(torch.randn(dim, d_state, generator=gen)),
-        B=torch.randn(batch, d_state, length, generator=gen).to(dtype),
-        C=torch.randn(batch, d_state, length, generator=gen).to(dtype),
+        B=tokens(d_state),
+        C=tokens(d_state),
         D=torch.randn(dim, generator=gen),
         delta_bias=torch.randn(dim, generator=gen) * 0.5,
     )
@@ -179,8 +185,29 @@ def test_self_check_runs_at_the_calls_d_state_and_dtype(fresh_choice, monkeypatc
         scan.resolve_backend("triton", cpu, 16, torch.float32)
 
 
-def test_dispatcher_runs_the_chunked_scan_on_cpu(fresh_choice):
+def test_torch_backend_loops_in_eager_on_cpu_and_chunks_when_compiled(fresh_choice):
     inputs = {k: v.detach() for k, v in random_problem(2, 6, 8, 50, seed=4).items()}
-    order = ("u", "delta", "A", "B", "C", "D")
-    got = scan.selective_scan(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"])
-    torch.testing.assert_close(got, run(scan.selective_scan_chunked, inputs), rtol=0, atol=0)
+
+    def dispatched(u, delta, A, B, C, D, delta_bias):
+        return scan.selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias)
+
+    order = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+    args = [inputs[k] for k in order]
+    torch.testing.assert_close(dispatched(*args), run(scan.selective_scan_ref, inputs), rtol=0, atol=0)
+    compiled = torch.compile(dispatched, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), run(scan.selective_scan_chunked, inputs), rtol=0, atol=0)
+
+
+@needs_shared
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_model_with_chunked_scan_matches_original_outputs(name, monkeypatch):
+    """The chunked scan (what compiled and exported graphs and GPUs run) in the whole model, against the
+    original's outputs at every fixture size: float32 precision (1e-5 relative)."""
+    monkeypatch.setattr(scan, "selective_scan_ref", scan.selective_scan_chunked)  # the eager-CPU dispatch too
+    config, state_dict, expected = load_fixture(name)
+    model = modeling.MambaVisionModelForImageClassification(config).eval()
+    model.load_state_dict(state_dict, strict=True)
+    for size in FIXTURE_SIZES:
+        with torch.no_grad():
+            logits = model(expected[f"input_{size}"]).logits
+        assert_close_relative(logits, expected[f"logits_{size}"], what=f"{name} logits {size}")
