@@ -78,7 +78,10 @@ class MambaVisionImageProcessor(BaseImageProcessor):
 
     def preprocess(self, images, return_tensors="pt", **kwargs):
         """An image or a batch of images (see the module docstring for what is accepted) -> ``pixel_values``,
-        (batch, 3, H, W) float32."""
+        (batch, 3, H, W) float32. The settings are the saved ``pretrained_cfg``'s; none can be changed per call."""
+        if kwargs:
+            raise TypeError(f"MambaVisionImageProcessor takes images and return_tensors only, got {sorted(kwargs)}; "
+                            "change preprocessing through pretrained_cfg")
         transform = self.val_transforms
         pixels = torch.stack([transform(to_rgb_image(image)) for image in _as_list(images)])
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)

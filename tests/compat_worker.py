@@ -86,7 +86,7 @@ def run(folder, hub_repo_id=None):
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     folder = str(folder)
-    results = {"versions": {"transformers": transformers.__version__, "torch": torch.__version__}}
+    results = {"versions": {"transformers": transformers.__version__, "torch": str(torch.__version__)}}
     images = sample_images()
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)

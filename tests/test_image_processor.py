@@ -135,6 +135,11 @@ def test_bad_images_get_one_clear_error(processor, image, message):
         processor(image)
 
 
+def test_per_call_settings_are_refused_not_ignored(processor):
+    with pytest.raises(TypeError, match=r"takes images and return_tensors only, got \['do_resize'\]"):
+        processor(sample_images()[0], do_resize=False)
+
+
 def test_pipelines_take_sixteen_bit_images_and_paths(folder, tmp_path, offline):
     """Through both pipelines a 16-bit image (object or PNG file) is its 8-bit picture; transformers' own loader
     would have clipped it to white."""
