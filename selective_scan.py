@@ -25,6 +25,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+try:  # torch >= 2.3
+    from torch.compiler import is_compiling
+except ImportError:  # torch 2.1-2.2
+    from torch._dynamo import is_compiling
+
 logger = logging.getLogger(__name__)
 
 ENV_BACKEND = "MAMBAVISION_SCAN_BACKEND"
@@ -238,7 +243,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tr
     name = resolve_backend(backend, u.device, A.shape[1], u.dtype)
     if name != "torch":
         scan = _kernel(name)
-    elif u.device.type == "cpu" and not torch.compiler.is_compiling():
+    elif u.device.type == "cpu" and not is_compiling():
         scan = selective_scan_ref
     else:
         scan = selective_scan_chunked

@@ -7,6 +7,7 @@ timm's own transform and the model that wrote the folder. scripts/install.sh ins
 .tf<version> (pip --target), once.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -166,3 +167,30 @@ def test_requirements_keep_the_installed_torch():
     assert json.loads(report.stdout)["install"] == []
     requirements = (ROOT / "requirements.txt").read_text()
     assert "torch>=" in requirements and "torch==" not in requirements
+
+
+NEWER_TORCH_APIS = {  # attribute chains the model files must import with a fallback (oldest supported: torch 2.1)
+    "torch.compiler.is_compiling": "2.3", "torch.library.custom_op": "2.4", "torch.library.register_fake": "2.4",
+    "torch.library.triton_op": "2.6", "torch.library.wrap_triton": "2.6", "torch.nn.attention": "2.2",
+    "torch.compiler.set_stance": "2.6",
+}
+
+
+def test_model_files_call_no_torch_api_newer_than_2_1():
+    """What torch 2.1 lacks is imported with a fallback (``is_compiling``) or kept in the Triton files, which
+    refuse to import on such a torch (the scan falls back); found by name, the rest by tests run on torch 2.1."""
+    for name in modeling.HUB_FILES:
+        if name.endswith("_triton.py"):
+            continue
+        tree = ast.parse((ROOT / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                chain, inner = [node.attr], node.value
+                while isinstance(inner, ast.Attribute):
+                    chain.insert(0, inner.attr)
+                    inner = inner.value
+                if isinstance(inner, ast.Name):
+                    dotted = ".".join([inner.id, *chain])
+                    assert dotted not in NEWER_TORCH_APIS, (
+                        f"{name}:{node.lineno} uses {dotted} (torch {NEWER_TORCH_APIS[dotted]}); import it with a "
+                        "fallback as modeling_mambavision.py does with is_compiling")
