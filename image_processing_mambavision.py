@@ -76,6 +76,12 @@ class MambaVisionImageProcessor(BaseImageProcessor):
         """timm's training augmentation (random resized crop, flip, colour jitter) for the same settings."""
         return create_transform(**self.data_config, is_training=True)
 
+    @staticmethod
+    def to_rgb_image(image):
+        """One image of any accepted kind -> the 8-bit RGB PIL image that ``val_transforms`` and
+        ``train_transforms`` take (what ``preprocess`` does first; use it before ``train_transforms``)."""
+        return to_rgb_image(image)
+
     def preprocess(self, images, return_tensors="pt", **kwargs):
         """An image or a batch of images (see the module docstring for what is accepted) -> ``pixel_values``,
         (batch, 3, H, W) float32. The settings are the saved ``pretrained_cfg``'s; none can be changed per call."""

@@ -83,8 +83,10 @@ def test_train_transforms_are_timms_training_augmentation(processor):
     expected = create_transform(**data, is_training=True)
     assert repr(processor.train_transforms) == repr(expected)
     torch.manual_seed(0)
-    augmented = processor.train_transforms(sample_images()[0])
+    sixteen_bit = Image.fromarray(np.asarray(sample_images()[0].convert("L")).astype(np.uint16) * 257)
+    augmented = processor.train_transforms(processor.to_rgb_image(sixteen_bit))
     assert augmented.shape == (3, *data["input_size"][1:])
+    assert processor.to_rgb_image(sixteen_bit).tobytes() == sample_images()[0].convert("L").convert("RGB").tobytes()
 
 
 @pytest.mark.parametrize("kind", sorted(image_inputs(sample_images()[0])))
