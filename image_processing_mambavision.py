@@ -3,7 +3,7 @@
 The transform is built by timm from a ``pretrained_cfg`` (``timm.data.resolve_data_config`` +
 ``create_transform``), so resize, crop_pct/crop_mode, interpolation and normalisation are exactly timm's. It is
 a plain ``BaseImageProcessor``, so ``AutoImageProcessor`` and the pipelines load it from a model folder on every
-transformers version (transformers' own ``TimmWrapperImageProcessor`` appeared in 4.47 and keeps its settings
+transformers version (transformers' own ``TimmWrapperImageProcessor`` appeared in 4.48 and keeps its settings
 in ``config.json``).
 
 Every input becomes an 8-bit RGB PIL image first, as timm's transform expects:
@@ -32,7 +32,6 @@ from transformers import ImageClassificationPipeline, ImageFeatureExtractionPipe
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 CHANNEL_COUNTS = (1, 3, 4)
 
 
@@ -117,14 +116,17 @@ def to_rgb_image(image):
         return _array_to_rgb(array, channels_first=True)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, channels_first=False)
-    raise TypeError(f"MambaVisionImageProcessor: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    raise TypeError(
+        f"MambaVisionImageProcessor: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}"
+    )
 
 
 def _pil_to_rgb(image):
     if image.mode == "RGB":
         return image
-    if image.mode in SIXTEEN_BIT_MODES:
-        return _array_to_rgb(np.asarray(image).astype(np.uint16 if image.mode != "I" else np.int64), False, sixteen_bit=True)
+    if image.mode in SIXTEEN_BIT_MODES:  # I;16B arrays are big-endian, I arrays int32: native uint16 / int64
+        array = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint16)
+        return _array_to_rgb(array, channels_first=False, sixteen_bit=True)
     if image.mode == "F":
         return _array_to_rgb(np.asarray(image), channels_first=False)
     if image.mode == "P" and "transparency" in image.info:
@@ -132,7 +134,9 @@ def _pil_to_rgb(image):
     try:
         return image.convert("RGB")  # drops alpha; greys, palettes, 1-bit and CMYK by PIL's own rules
     except ValueError as error:
-        raise ValueError(f"MambaVisionImageProcessor: cannot convert a PIL image of mode {image.mode!r} to RGB: {error}") from None
+        raise ValueError(
+            f"MambaVisionImageProcessor: cannot convert a PIL image of mode {image.mode!r} to RGB: {error}"
+        ) from None
 
 
 def _array_to_rgb(array, channels_first, sixteen_bit=False):
@@ -142,7 +146,9 @@ def _array_to_rgb(array, channels_first, sixteen_bit=False):
         if first and (channels_first or not last):
             array = np.moveaxis(array, 0, -1)
         elif not last:
-            raise ValueError(f"MambaVisionImageProcessor: an image with 1, 3 or 4 channels expected, got shape {array.shape}")
+            raise ValueError(
+                f"MambaVisionImageProcessor: an image with 1, 3 or 4 channels expected, got shape {array.shape}"
+            )
         array = array[..., :3] if array.shape[-1] == 4 else array  # alpha dropped
         array = array[..., 0] if array.shape[-1] == 1 else array
     elif array.ndim != 2:
@@ -207,4 +213,6 @@ class MambaVisionImageFeatureExtractionPipeline(_MambaVisionPipelineMixin, Image
     """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``."""
 
 
-__all__ = ["MambaVisionImageProcessor", "MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"]
+__all__ = [
+    "MambaVisionImageProcessor", "MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"
+]

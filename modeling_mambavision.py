@@ -66,8 +66,8 @@ except ImportError:
             return super().__call__(*args, **kwargs)
 
 
-# transformers < 4.49 renames every checkpoint key that contains "gamma" to "weight" (and "beta" to "bias"), meant for
-# TensorFlow-era LayerNorm names, inside its loading function: only its version tells. The layer scales are gamma.
+# transformers < 4.49 renames every checkpoint key that contains "gamma" to "weight" (and "beta" to "bias"), meant
+# for TensorFlow-era LayerNorm names, inside its loading function: only its version tells. Layer scales are gamma.
 if version.parse(transformers.__version__).release < (4, 49):
 
     class PreTrainedModel(PreTrainedModel):  # noqa: F811 - transformers' own, loading gamma parameters as they are
@@ -77,9 +77,10 @@ if version.parse(transformers.__version__).release < (4, 49):
 
         @classmethod
         def _load_pretrained_model(cls, model, *args, **kwargs):
-            renamed = [(module, name, name.replace("beta", "bias") if "beta" in name else name.replace("gamma", "weight"))
-                       for module in model.modules() for name in list(module._parameters)
-                       if "gamma" in name or "beta" in name]
+            renamed = [
+                (module, name, name.replace("beta", "bias") if "beta" in name else name.replace("gamma", "weight"))
+                for module in model.modules() for name in list(module._parameters) if "gamma" in name or "beta" in name
+            ]
             for module, name, legacy in renamed:
                 module._parameters[legacy] = module.__dict__[name] = module._parameters.pop(name)
             try:
@@ -109,7 +110,9 @@ except (ImportError, KeyError):  # earlier versions have none, or pick a causal-
                 config.problem_type = "multi_label_classification"
         labels = labels.to(pooled_logits.device)
         if config.problem_type == "regression":
-            return F.mse_loss(pooled_logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(pooled_logits, labels)
+            if num_labels == 1:
+                return F.mse_loss(pooled_logits.squeeze(), labels.squeeze())
+            return F.mse_loss(pooled_logits, labels)
         if config.problem_type == "single_label_classification":
             reduction = "sum" if num_items_in_batch is not None else "mean"
             loss = F.cross_entropy(pooled_logits.view(-1, num_labels), labels.view(-1), reduction=reduction)
