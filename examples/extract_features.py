@@ -64,7 +64,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             with Image.open(self.root / self.paths[index]) as image:
-                pixels = self.processor(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
         except Exception as error:  # noqa: BLE001 - whatever a broken file raises, it must not end the run
             return index, None, f"{type(error).__name__}: {error}"
         return index, pixels, None

@@ -78,17 +78,18 @@ transformers' Trainer (`examples/finetune.py` of the MambaVision Hugging Face po
 
 
 class Examples(torch.utils.data.Dataset):
-    """Trainer examples from (image, label) pairs: ``{"pixel_values": transform(image), "labels": label}``."""
+    """Trainer examples from (image, label) pairs: ``{"pixel_values": transform(image), "labels": label}``, any
+    image mode first made RGB as the model's processor does (``to_rgb``: 16-bit and float images scaled)."""
 
-    def __init__(self, pairs, transform):
-        self.pairs, self.transform = pairs, transform
+    def __init__(self, pairs, transform, to_rgb):
+        self.pairs, self.transform, self.to_rgb = pairs, transform, to_rgb
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, index):
         image, label = self.pairs[index]
-        return {"pixel_values": self.transform(image.convert("RGB")), "labels": label}
+        return {"pixel_values": self.transform(self.to_rgb(image)), "labels": label}
 
 
 class DatasetRows(torch.utils.data.Dataset):
@@ -379,8 +380,8 @@ def main(argv=None):
         eval_set = None
     else:
         train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
-        train_set = Examples(train_pairs, train_transform)
-        eval_set = Examples(eval_pairs, processor.val_transforms) if eval_pairs is not None else None
+        train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
+        eval_set = Examples(eval_pairs, processor.val_transforms, processor.to_rgb_image) if eval_pairs is not None else None
 
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's folder for --synthetic, where nothing is saved
         output_dir = args.output_dir or scratch

@@ -141,7 +141,6 @@ def test_finetune_two_processes_match_one(model_folder, class_tree, tmp_path, mo
 
 
 def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path):
-    pytest.importorskip("datasets", reason="--dataset needs the datasets package (not in requirements-test.txt)")
     output = tmp_path / "from-datasets"
     finetune.main(["--model", str(model_folder), "--dataset", str(class_tree), "--eval-split", "validation",
                    "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(output)])

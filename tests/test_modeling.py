@@ -159,7 +159,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain_loss, plain_grads = loss_and_grads()
-    model.gradient_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # 5.23's name
+    enable()
     assert all(stage.gradient_checkpointing for stage in model.model.levels)
     ckpt_loss, ckpt_grads = loss_and_grads()
     torch.testing.assert_close(ckpt_loss, plain_loss)
