@@ -36,9 +36,10 @@ ENV_BACKEND = "MAMBAVISION_SCAN_BACKEND"
 SCAN_BACKENDS = ("torch", "triton", "mamba_ssm")  # every implementation; "auto" chooses among them
 
 # The chunked scan: CHUNK tokens per chunk. A step's log-decay is floored at LOG_DECAY_FLOOR (exp(-20) = 2e-9:
-# such a step forgets its state to float32 precision), so a chunk's decays span at most CHUNK * 20 in log
-# space and exp(+-span / 2) stays far inside float32's range. CHUNK measured on a 2-core CPU (benchmarks/NOTES.md).
-CHUNK = 4
+# such a step forgets its state to float32 precision), so a chunk's decays span at most CHUNK * 20 in log space
+# and the factors exp(+-span / 2) <= e^60 stay far inside float32's range (CHUNK <= 6). 6 measured best on a
+# 2-core CPU: onnxruntime latency equal to 4 and 5, the fewest ONNX nodes, the fastest export (benchmarks/NOTES.md).
+CHUNK = 6
 LOG_DECAY_FLOOR = -20.0
 
 
