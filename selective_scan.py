@@ -46,26 +46,32 @@ LOG_DECAY_FLOOR = -20.0
 def selective_scan_ref(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """The recurrence step by step in float32: the reference every other backend is tested against.
+    """The recurrence step by step in float32: the reference every other backend is tested against, and the
+    ``torch`` backend in eager mode on a CPU.
 
     The element-wise work is vectorised over (batch, dim, d_state) and laid out time-major, so the
-    sequential part is one fused multiply-add per step on a contiguous slice. Autocast is off inside:
-    the scan stays float32 under mixed precision, as mamba-ssm's kernel does.
+    sequential part is one fused multiply-add per step on a contiguous slice; without autograd the steps
+    overwrite the drive in place (no allocation per step, no stacking). Autocast is off inside: the scan
+    stays float32 under mixed precision, as mamba-ssm's kernel does.
     """
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = _float32_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
         delta_t = delta.permute(2, 0, 1)  # (L, b, d)
-        decay = torch.exp(delta_t.unsqueeze(-1) * A)  # (L, b, d, n)
-        drive = (delta_t * u.permute(2, 0, 1)).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)  # (L, b, d, n)
-        state = torch.zeros_like(drive[0])
-        states = []
-        for step in range(u.shape[-1]):
-            state = torch.addcmul(drive[step], decay[step], state)
-            states.append(state)
-        y = torch.einsum("lbdn,bnl->bdl", torch.stack(states), C)
+        decay = torch.exp(delta_t.unsqueeze(-1) * A).unbind(0)  # L x (b, d, n)
+        states = (delta_t * u.permute(2, 0, 1)).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)  # drive (L, b, d, n)
+        if states.requires_grad:
+            steps = [torch.zeros_like(states[0])]
+            for decay_t, drive_t in zip(decay, states.unbind(0)):
+                steps.append(torch.addcmul(drive_t, decay_t, steps[-1]))
+            states = torch.stack(steps[1:])
+        else:
+            steps = states.unbind(0)
+            for t in range(1, len(steps)):
+                steps[t].addcmul_(decay[t], steps[t - 1])
+        y = torch.einsum("lbdn,bnl->bdl", states, C)
         y = _output(y, u, D, z)
-    return (y.to(dtype), state) if return_last_state else y.to(dtype)
+    return (y.to(dtype), states[-1]) if return_last_state else y.to(dtype)
 
 
 def selective_scan_chunked(
