@@ -239,7 +239,7 @@ def resolve_backend(requested, device, d_state, dtype):
         raise RuntimeError(f"scan backend {requested!r} was forced but cannot run here: {reasons[requested]}")
     if device.type == "cuda":
         why = "; ".join(f"{name} {reason}" for name, reason in reasons.items())
-        _warn_once(f"MambaVision: no fast selective-scan kernel for this CUDA scan ({why}); using the slower PyTorch scan.")
+        _warn_once(f"MambaVision: no fast selective-scan kernel for this CUDA scan ({why}); using the PyTorch scan.")
     return "torch"
 
 

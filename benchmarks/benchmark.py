@@ -5,11 +5,13 @@ allocator; modes ``infer`` (no_grad), ``train`` (forward + backward + SGD step) 
 The compiler's caches are reset between cases (``torch._dynamo.reset()``). ``--targets`` runs the cases of
 the speed targets and prints them against the targets and the original's figures; ``--ablate`` also runs
 each of them with each of our speedups that applies switched off and prints the ratio.
-CPU (``--device cpu``): batch-1 and batch-8 latency beside timm's convnext_tiny in the same run.
+CPU (``--device cpu``, float32, eager): latency beside timm's convnext_tiny at the same batch and resolution,
+run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1 and 8, L2-512 at 512);
+``--onnx`` adds exporting T and onnxruntime against eager, ``--second-size`` compiling at a second size.
 
     python benchmarks/benchmark.py --targets --ablate --profile
     python benchmarks/benchmark.py --variants T S B --modes infer train latency --compile-modes default
-    python benchmarks/benchmark.py --device cpu
+    python benchmarks/benchmark.py --device cpu --onnx
 """
 
 import argparse
@@ -125,15 +127,20 @@ def time_cuda(step, warmup, iters):
     return statistics.median(times)
 
 
-def time_cpu(step, warmup, iters):
+def time_cpu_pairs(step, baseline, warmup, iters):
+    """Median milliseconds of ``step`` and of ``baseline``, run in turn, and the median of the pairs' ratios:
+    pairing keeps the ratio meaningful while the machine's speed drifts (other processes, clocks)."""
     for _ in range(warmup):
         step()
-    times = []
+        baseline()
+    times, base_times = [], []
     for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, out in ((step, times), (baseline, base_times)):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    ratio = statistics.median(t / b for t, b in zip(times, base_times))
+    return statistics.median(times), statistics.median(base_times), ratio
 
 
 def print_profile(step, title, steps=5, rows=25):
@@ -264,20 +271,101 @@ def print_targets(results, device):
 
 
 def run_cpu(args):
+    """Eager float32 latency beside timm's convnext_tiny (same batch and resolution, same run, pair by pair);
+    with ``--onnx``, exporting T and onnxruntime against eager; with ``--second-size``, compiling at a second
+    resolution."""
     import timm
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.environ[scan.ENV_BACKEND] = "torch"
-    model, size = build("T", fold=args.fold)
-    models = {"MambaVision-T": model, "convnext_tiny (timm)": timm.create_model("convnext_tiny").eval()}
+    convnext = timm.create_model("convnext_tiny").eval()
     rows = []
-    for batch in args.cpu_batch_sizes:
-        pixels = torch.randn(batch, 3, size, size)
-        for name, net in models.items():
+    for case in args.cpu_cases:  # variant:batch
+        variant, batch = case.rsplit(":", 1)
+        model, size = build(variant, fold=args.fold)
+        pixels = torch.randn(int(batch), 3, size, size)
+        with torch.no_grad():
+            ms, base_ms, ratio = time_cpu_pairs(lambda: model(pixels), lambda: convnext(pixels), args.cpu_warmup,
+                                                args.cpu_iters)
+        rows.append({"model": f"MambaVision-{variant}", "batch": int(batch), "size": size, "fold_bn": args.fold,
+                     "threads": torch.get_num_threads(), "ms": ms, "img_s": int(batch) * 1e3 / ms, "vs": f"{ratio:.3f}",
+                     "baseline": f"convnext_tiny {base_ms:.1f} ms"})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.onnx:
+        rows += cpu_export_rows(args)
+    if args.second_size:
+        rows += cpu_second_size_rows(args)
+    return rows
+
+
+@contextlib.contextmanager
+def size_oblivious():
+    """Dynamic sizes that happen to be 1 at the example (a single window) do not specialise the graph."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        yield
+
+
+def cpu_export_rows(args):
+    """torch.export and ONNX export of T with dynamic batch, height and width (seconds), then onnxruntime against
+    eager PyTorch at batch 1, pair by pair, and the largest difference of their logits at two other sizes."""
+    import onnxruntime
+
+    model, size = build("T", fold=args.fold)
+    example = torch.randn(2, 3, size, size)
+    rows = []
+    start = time.perf_counter()
+    with size_oblivious():
+        dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+        torch.export.export(model, (example,), dynamic_shapes={"pixel_values": dims})
+        rows.append({"model": "MambaVision-T torch.export (dynamic batch/H/W)",
+                     "export_s": time.perf_counter() - start})
+        path = Path(args.onnx_path)
+        start = time.perf_counter()
+        torch.onnx.export(model, (example,), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_shapes={"pixel_values": {0: "batch", 2: "height", 3: "width"}}, verbose=False)
+        rows.append({"model": "MambaVision-T ONNX export (dynamic batch/H/W)", "export_s": time.perf_counter() - start})
+    options = onnxruntime.SessionOptions()  # idle threads sleep, so they take no time from the eager runs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, size, size), (1, 3, 256, 320), (3, 3, 160, 192)):
+        pixels = torch.randn(*shape)
+        with torch.no_grad():
+            eager = model(pixels).logits
+        (logits,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
+        row = {"model": "MambaVision-T onnxruntime", "batch": shape[0], "size": f"{shape[2]}x{shape[3]}",
+               "max_diff": f"{(torch.from_numpy(logits) - eager).abs().max().item():.1e}"}
+        if shape[0] == 1 and shape[2] == size:
             with torch.no_grad():
-                ms = time_cpu(lambda: net(pixels), args.cpu_warmup, args.cpu_iters)
-            rows.append({"model": name, "batch": batch, "ms": ms, "img_s": batch * 1e3 / ms,
-                         "threads": torch.get_num_threads(), "fold_bn": args.fold and name.startswith("Mamba")})
+                ms, base_ms, ratio = time_cpu_pairs(lambda: session.run(["logits"], {"pixel_values": pixels.numpy()}),
+                                                    lambda: model(pixels), args.cpu_warmup, args.cpu_iters)
+            row.update(ms=ms, vs=f"{ratio:.3f}", baseline=f"eager {base_ms:.1f} ms")
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def cpu_second_size_rows(args):
+    """Seconds to the first output of T compiled at its size and then at ``--second-size``, and the compiled
+    latency: with ``dynamic=False`` (each size its own static graph) and with torch.compile's default (the
+    second size recompiles with symbolic sizes)."""
+    model, size = build("T", fold=args.fold)
+    rows = []
+    for dynamic in (False, None):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, dynamic=dynamic)
+        for side in (size, args.second_size):
+            pixels = torch.randn(1, 3, side, side)
+            with torch.no_grad():
+                start = time.perf_counter()
+                compiled(pixels)
+                first_s = time.perf_counter() - start
+                times = []
+                for _ in range(args.cpu_iters):
+                    start = time.perf_counter()
+                    compiled(pixels)
+                    times.append((time.perf_counter() - start) * 1e3)
+            rows.append({"model": "MambaVision-T", "compile": f"dynamic={dynamic}", "batch": 1, "size": side,
+                         "first_s": first_s, "ms": statistics.median(times)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -285,7 +373,8 @@ def run_cpu(args):
 def print_table(rows):
     rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
     columns = [c for c in ("variant", "model", "mode", "batch", "size", "dtype", "scan", "compile", "fold_bn",
-                           "without", "threads", "ms", "img_s", "peak_gib", "first_s", "error")
+                           "without", "threads", "ms", "img_s", "vs", "baseline", "peak_gib", "first_s", "export_s",
+                           "max_diff", "error")
                if any(c in r for r in rows)]
 
     def cell(value):
@@ -311,7 +400,7 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
                         help="default infer; with --targets, a filter")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["bf16"])
-    parser.add_argument("--backends", nargs="+", choices=("torch", "triton", "mamba_ssm"), default=["triton"])
+    parser.add_argument("--backends", nargs="+", choices=scan.SCAN_BACKENDS, default=["triton"])
     parser.add_argument("--compile-modes", nargs="+", default=["eager"],
                         help="eager, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     parser.add_argument("--fold", action="store_true", help="fold BatchNorm into convolutions (inference)")
@@ -321,9 +410,14 @@ def main(argv=None):
     parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--cpu-batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--cpu-cases", nargs="+", default=["T:1", "T:8", "L2-512:1"],
+                        help="CPU: variant:batch, each at its resolution beside convnext_tiny")
     parser.add_argument("--cpu-warmup", type=int, default=3)
-    parser.add_argument("--cpu-iters", type=int, default=10)
+    parser.add_argument("--cpu-iters", type=int, default=20, help="CPU: timed runs of each model (pairs)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="CPU: also export T (torch.export, ONNX) and time onnxruntime against eager")
+    parser.add_argument("--onnx-path", default="mambavision-t.onnx", help="CPU: where --onnx writes the model")
+    parser.add_argument("--second-size", type=int, help="CPU: also compile T at its size, then at this one")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
     parser.add_argument("--json", help="also write the rows to this file")
