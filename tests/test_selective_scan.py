@@ -11,6 +11,7 @@ from mambavision_tools import model_code
 
 scan = model_code.load("selective_scan")
 SCANS = {"chunked": scan.selective_scan_chunked, "ref": scan.selective_scan_ref}
+CHUNK = scan.CHUNK
 
 
 def naive_scan(u, delta, A, B, C, D, delta_bias):
@@ -65,11 +66,12 @@ def relative_errors(inputs, got, want):
 
 
 @pytest.mark.parametrize("name", sorted(SCANS))
-@pytest.mark.parametrize("shape", [(2, 16, 8, 49), (1, 6, 8, 1), (2, 5, 8, 3), (1, 4, 8, 4), (2, 4, 8, 5),
-                                   (3, 10, 6, 37), (1, 8, 8, 196), (1, 3, 5, 1024)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 6, 8, 1), (2, 5, 8, 3), (1, 4, 8, CHUNK), (2, 4, 8, CHUNK + 1),
+                                   (2, 3, 8, CHUNK**2), (3, 10, 6, 37), (2, 16, 8, 49), (1, 8, 8, 196),
+                                   (1, 3, 5, 1024)], ids=str)
 def test_scan_matches_naive_float64_loop(name, shape):
-    """Values and gradients to float32 precision: lengths around the chunk size, MambaVision's windows (49,
-    196, 1,024 tokens at 512 input), d_state 8 and non-powers of two."""
+    """Values and gradients to float32 precision: lengths around the chunk size and its square (two full
+    levels), MambaVision's windows (49, 196, 1,024 tokens at 512 input), d_state 8 and non-powers of two."""
     inputs = random_problem(*shape, seed=sum(shape))
     want, _ = naive_scan(**inputs)
     errors = relative_errors(inputs, run(SCANS[name], inputs), want)
