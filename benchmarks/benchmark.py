@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,7 +320,7 @@ def cpu_export_rows(args):
         torch.export.export(model, (example,), dynamic_shapes={"pixel_values": dims})
         rows.append({"model": "MambaVision-T torch.export (dynamic batch/H/W)",
                      "export_s": time.perf_counter() - start})
-        path = Path(args.onnx_path)
+        path = Path(args.onnx_path) if args.onnx_path else Path(tempfile.mkdtemp()) / "mambavision-t.onnx"
         start = time.perf_counter()
         torch.onnx.export(model, (example,), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"],
                           dynamic_shapes={"pixel_values": {0: "batch", 2: "height", 3: "width"}}, verbose=False)
@@ -416,7 +417,7 @@ def main(argv=None):
     parser.add_argument("--cpu-iters", type=int, default=20, help="CPU: timed runs of each model (pairs)")
     parser.add_argument("--onnx", action="store_true",
                         help="CPU: also export T (torch.export, ONNX) and time onnxruntime against eager")
-    parser.add_argument("--onnx-path", default="mambavision-t.onnx", help="CPU: where --onnx writes the model")
+    parser.add_argument("--onnx-path", help="CPU: where --onnx writes the model (default: a temporary folder)")
     parser.add_argument("--second-size", type=int, help="CPU: also compile T at its size, then at this one")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
