@@ -924,9 +924,3 @@ def test_all_pushes_each_variant_under_the_owner(tmp_path, monkeypatch, fake_hub
     assert [(u["repo_id"], u["folder_path"].name) for u in uploads] == [("someone/Tiny-A", "Tiny-A"),
                                                                         ("someone/Tiny-B", "Tiny-B")]
 
-
-def test_readme_documents_the_workflow():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Convert and publish"):]
-    for usage in ("--variant MambaVision-T-1K", "--all", "--verify", "--push-to-hub", "--dry-run", "--list-variants"):
-        assert usage in section, usage
