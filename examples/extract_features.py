@@ -230,8 +230,7 @@ def main(argv=None):
     try:
         return run(args, rank, world, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        scale_utils.leave_process_group()
 
 
 def run(args, rank, world, device):

@@ -364,6 +364,13 @@ def parse_arguments(argv):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    try:
+        return run(args)
+    finally:
+        scale_utils.leave_process_group()
+
+
+def run(args):
     train_pairs, eval_pairs, labels = load_data(args)
     set_seed(args.seed)  # the new head's initialisation
     config_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}

@@ -88,6 +88,13 @@ def distributed():
     return 0, 1
 
 
+def leave_process_group():
+    """Destroy torch.distributed's process group, where one was made (here or by Trainer), before the interpreter
+    shuts down: gloo's worker threads otherwise abort the process at exit (SIGABRT, "terminate called")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def peak_memory_per_device():
     """Peak CUDA memory allocated by each process (GiB, in rank order), or ``None`` on CPU. Every rank calls it."""
     if not torch.cuda.is_available():
