@@ -69,7 +69,7 @@ TARGETS = [
     Target("S", "infer", 256, "reduce-overhead", 22_000, 11_039, "compiled", None, ("cuda_graphs",)),
     Target("B", "infer", 256, "reduce-overhead", 14_900, 7_434, "compiled", None, ("cuda_graphs",)),
     Target("L2-512", "infer", 32, "reduce-overhead", 975, 650, "compiled", 2.19,
-           ("cuda_graphs", "scan_config", "head_padding")),
+           ("cuda_graphs", "scan_config", "head_padding", "channel_padding")),
     Target("L3-512", "infer", 32, "reduce-overhead", None, None, "-"),
     Target("T", "train", 128, "reduce-overhead", 4_720, 2_359, "eager", 4.37),
     Target("S", "train", 128, "reduce-overhead", 4_490, 2_244, "eager", 6.09),
@@ -82,6 +82,7 @@ TARGETS = [
 ABLATIONS = {
     "scan_config": ("selective_scan_triton", "INFER_CONFIG", (16, 8, 1)),  # the scan's launch config before
     "head_padding": ("modeling_mambavision", "ATTENTION_HEAD_PADDING", 1),  # attention at head size 49
+    "channel_padding": ("modeling_mambavision", "CONV_CHANNEL_MULTIPLE", 1),  # level 0 of L at 196 channels
     "cuda_graphs": None,  # torch.compile's default mode instead of reduce-overhead
     "freezing": None,  # without inductor's freezing
 }

@@ -271,6 +271,57 @@ def test_fold_batchnorm_is_idempotent_and_guards_train_and_save(tmp_path):
     assert not (tmp_path / "folded").exists()
 
 
+def _pad_conv_levels_to(multiple, monkeypatch):
+    """Force the conv levels' channel padding (CUDA's, CONV_CHANNEL_MULTIPLE) on any device; returns the list
+    of the paddings used."""
+    pads = []
+
+    def padding(level, x):
+        pads.append(0 if level.training else -x.shape[1] % multiple)
+        return pads[-1]
+
+    monkeypatch.setattr(modeling, "conv_channel_padding", padding)
+    return pads
+
+
+@needs_shared
+@pytest.mark.parametrize("fold", [False, True], ids=["batchnorm", "folded"])
+def test_channel_padded_conv_levels_match_original_outputs(fold, monkeypatch):
+    """Conv levels on zero-padded channels (what CUDA does at widths that are not a multiple of 8, such as the
+    L variants' 196), forced here at the fixture's widths 24 and 48 (to 32 and 64): the original's outputs."""
+    pads = _pad_conv_levels_to(32, monkeypatch)
+    config, state_dict, expected = load_fixture("tiny_layerscale")  # layer scales in the conv blocks too
+    model = modeling.MambaVisionModelForImageClassification(config).eval()
+    model.load_state_dict(state_dict)
+    if fold:
+        model.fold_batchnorm()
+    for size in FIXTURE_SIZES:
+        with torch.no_grad():
+            out = model(expected[f"input_{size}"], output_hidden_states=True)
+        rel = 1e-4 if fold else 1e-5
+        assert_close_relative(out.logits, expected[f"logits_{size}"], rel=rel, what=f"logits {size}")
+        for i, stage_map in enumerate(out.hidden_states[1:3], start=1):
+            assert_close_relative(stage_map, expected[f"stage{i}_{size}"], rel=rel, what=f"stage{i} {size}")
+    assert pads[:2] == [8, 16]
+
+
+def test_channel_padding_keeps_gradients(monkeypatch):
+    """Gradients through the padded conv levels (eval mode) reach the unpadded parameters unchanged."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(tiny_config()).eval())
+    pixels = torch.randn(2, 3, 64, 64)
+    grads = []
+    for multiple in (1, 32):
+        pads = _pad_conv_levels_to(multiple, monkeypatch)
+        model.zero_grad()
+        model(pixels).logits.square().sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert any(pads)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 def test_compiled_depthwise_taps_match_the_conv():
     """The mixer's compiled form of its depthwise conv (shifted taps) equals the eager conv kernel."""
     mixer = modeling.MambaVisionModel(tiny_config()).model.levels[2].blocks[0].mixer

@@ -181,6 +181,27 @@ def test_compile_fullgraph_with_triton(monkeypatch):
 
 
 @needs_cuda
+@needs_shared
+def test_channel_padded_conv_levels_on_gpu_match_original_outputs(monkeypatch):
+    """In eval mode CUDA zero-pads conv levels to CONV_CHANNEL_MULTIPLE channels (raised to 32 here, so that the
+    fixture's widths 24 and 48 get padded): float32 outputs stay the original's."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(modeling, "CONV_CHANNEL_MULTIPLE", 32)
+    pads = []
+    padded_conv = modeling.padded_conv
+    monkeypatch.setattr(modeling, "padded_conv", lambda conv, x, *pad: pads.append(pad) or padded_conv(conv, x, *pad))
+    model, expected = _fixture_model("tiny_layerscale", "torch", monkeypatch)
+    for size in ("224x224", "64x96"):
+        with torch.no_grad():
+            out = model(expected[f"input_{size}"].cuda(), output_hidden_states=True)
+        assert_close_relative(out.logits.cpu(), expected[f"logits_{size}"], rel=1e-5, what=f"logits {size}")
+        for i, stage_map in enumerate(out.hidden_states[1:], start=1):
+            assert_close_relative(stage_map.cpu(), expected[f"stage{i}_{size}"], rel=1e-5, what=f"stage{i} {size}")
+    assert {(8, 8), (8, 0), (16, 16), (16, 0)} <= set(pads)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_padded_attention_matches_unpadded_on_gpu(dtype):
     """Head size 49 (the L variants) is zero-padded on CUDA; outputs and gradients equal the float64 CPU
