@@ -35,6 +35,11 @@ def save_model_folder(model, folder, max_shard_size="2GB"):
         settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
         shutil.copy2(model_code.ROOT / name, folder / name)
+    # transformers 5 writes the weights through a private temporary file (mode 0600): give them the mode that
+    # config.json got from the umask, so that whoever may read the folder may read its weights
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for weights in folder.glob("model*.safetensors*"):
+        weights.chmod(mode)
 
 
 def is_model_folder(folder):

@@ -338,6 +338,21 @@ def test_converts_into_an_existing_empty_folder(tiny, capsys):
     assert names(tiny["out"]) == ["model"] and (tiny["out"] / "model" / "model.safetensors").is_file()
 
 
+def test_converted_files_follow_the_umask(tiny, capsys):
+    """Every file of the folder, the weights too (transformers writes them through a private temporary file),
+    gets the permissions the umask gives new files: who may read the folder may load the model."""
+    previous = os.umask(0o022)
+    try:
+        status, out, err = run(tiny["argv"](), capsys)
+    finally:
+        os.umask(previous)
+    assert status == 0, err
+    folder = tiny["out"] / "model"
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct(folder.stat().st_mode & 0o777) == "0o755"
+
+
 def test_overwrite_replaces_a_converted_folder(tiny, capsys):
     folder = tiny["out"] / "model"
     assert run(tiny["argv"](), capsys)[0] == 0
