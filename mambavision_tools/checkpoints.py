@@ -131,9 +131,11 @@ def _unwrap(checkpoint):
 
 
 def check_finite(state_dict, path):
-    """Refuse NaN and infinite values, naming the tensors that hold them (a model that computes NaN is no model)."""
+    """Refuse NaN and infinite values as the folder would hold them (float32: a float64 1e300 becomes infinite),
+    naming the tensors that hold them (a model that computes NaN is no model)."""
     bad = []
     for key, tensor in state_dict.items():
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             nan, total = int(torch.isnan(tensor).sum()), tensor.numel()
             inf = int(torch.isinf(tensor).sum())

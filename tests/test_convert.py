@@ -487,12 +487,15 @@ def test_refuses_tampered_checkpoint(damage, tiny, capsys):
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], f"cannot read {path}", *fragments)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "all_nan"])
+@pytest.mark.parametrize("value", ["nan", "inf", "all_nan", "beyond_float32"])
 def test_refuses_non_finite_weights(value, tiny, capsys):
     name = "levels.2.blocks.0.mlp.fc1.weight"
     weight = tiny["state_dict"][name].clone()  # (64, 32)
     if value == "all_nan":
         weight.fill_(math.nan)
+    elif value == "beyond_float32":  # finite in float64, infinite once written as float32
+        weight = weight.double()
+        weight[0, 0] = 1e300
     else:
         weight[0, 0] = float(value)
     torch.save({"state_dict": {**tiny["state_dict"], name: weight}}, tiny["checkpoint"])
