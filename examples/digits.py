@@ -18,6 +18,7 @@ CONFIG = CHECKPOINT.with_name("mambavision_digits.json")  # the same model as --
 SPLITS = ("train", "held_out")
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
+MIN_ACCURACY = 0.95  # the held-out accuracy demo.py requires (the shipped checkpoint reaches 99.4%)
 
 
 def digit_image(pixels):
