@@ -17,7 +17,6 @@ def test_marked_blocks_name_their_reason_and_markers_sit_on_blocks():
     assert found, "no code blocks found in README.md"
     markers = len(re.findall(r"^<!--\s*readme-check:", text, flags=re.MULTILINE))
     assert markers == sum(block.skip is not None for block in found), "a readme-check marker not right above a block"
-    assert all(block.skip.strip() for block in found if block.skip is not None)
 
 
 def test_marker_parsing():
