@@ -27,6 +27,8 @@ def test_marker_parsing():
     assert third.language == ""
     with pytest.raises(ValueError, match="never closed"):
         readme_check.blocks("```python\nx = 1\n")
+    with pytest.raises(ValueError, match="needs its reason"):
+        readme_check.blocks("<!-- readme-check: skip:  -->\n```bash\necho hi\n```\n")
     assert readme_check.with_hub_ids_replaced('f("nvidia/MambaVision-L3-512-21K")', "/x") == 'f("/x")'
 
 
