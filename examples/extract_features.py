@@ -175,12 +175,13 @@ def extract(model, batches, device, bf16, stage_maps):
         if pixels is not None:
             pixels = pixels.to(device, non_blocking=True, memory_format=memory_format)
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = model(pixel_values=pixels, output_hidden_states=True)
+                output = model(pixel_values=pixels, output_hidden_states=stage_maps)
                 features = {"pooler_output": output.pooler_output}
                 if stage_maps:
                     # the four stage maps end hidden_states (model code of any version: some put the stem first)
                     for level, stage_map in enumerate(output.hidden_states[-4:], 1):
-                        features[f"stage_{level}"] = stage_map.float().mean(dim=(2, 3))
+                        features[f"stage_{level}"] = stage_map.mean(dim=(2, 3), dtype=torch.float32)
+                del output  # the maps: not held through the next batch's forward
                 outputs = {name: values.float().to("cpu", non_blocking=cuda) for name, values in features.items()}
         copied = torch.cuda.Event() if cuda else None
         if copied is not None:
@@ -262,7 +263,8 @@ def run(args, rank, world, device):
         f"{len(paths):,} images in {shards} shard(s) of {args.shard_size}, {world} process(es)"
         + (f"; {shards - len(missing)} shard(s) done already, {len(missing)} to go" if len(missing) < shards else ""))
 
-    model, processor = scale_utils.load_model(args, AutoModel)
+    with scale_utils.main_process_first():
+        model, processor = scale_utils.load_model(args, AutoModel)
     cuda = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
     bf16 = cuda and not args.fp32

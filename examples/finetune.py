@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import scale_utils
-from mambavision_tools import hub_folder
+from mambavision_tools import hub_folder, publishing
+from mambavision_tools.report import ConversionError, first_line
 from scale_utils import fail
 
 # transformers 5.2x renamed gradient_checkpointing (the old name warns); 4.57 knows only that one
@@ -141,7 +142,7 @@ def hub_dataset(args):
     try:
         splits = datasets.load_dataset(args.dataset)
     except (OSError, ValueError) as error:
-        fail(f"cannot load the dataset {args.dataset}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot load the dataset {args.dataset}: {first_line(error)}")
     for split in filter(None, (args.train_split, args.eval_split)):
         if split not in splits:
             fail(f"the dataset {args.dataset} has no split {split!r} (it has {', '.join(splits)})")
@@ -175,16 +176,22 @@ def load_data(args):
 
 class Throughput(TrainerCallback):
     """Training images per second from the end of step ``warmup`` (compilation, allocator and autotuning
-    behind) to the end of training, and each GPU's peak memory: printed and written to ``metrics_file``."""
+    behind) to the end of training, evaluations left out, and each GPU's peak memory: printed and written to
+    ``metrics_file``."""
 
     def __init__(self, global_batch, warmup, metrics_file=None):
         self.global_batch, self.warmup, self.metrics_file = global_batch, warmup, metrics_file
         self.start = None
+        self.evaluation_seconds = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
             scale_utils.synchronize()
             self.start = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start is not None:  # the epoch-end evaluations run inside the timed span
+            self.evaluation_seconds += metrics["eval_runtime"]
 
     def on_train_end(self, args, state, control, **kwargs):
         scale_utils.synchronize()
@@ -194,7 +201,8 @@ class Throughput(TrainerCallback):
                                            f"{self.warmup} are warm-up: raise --max-steps)")
             return
         sharded = isinstance(kwargs["model"], FSDPModule)  # what ran, whatever was asked
-        scale_utils.report("train", steps * self.global_batch, time.perf_counter() - self.start, self.metrics_file,
+        seconds = time.perf_counter() - self.start - self.evaluation_seconds
+        scale_utils.report("train", steps * self.global_batch, seconds, self.metrics_file,
                            global_batch=self.global_batch, steps=steps, bf16=args.bf16, fsdp=sharded)
 
 
@@ -202,16 +210,15 @@ def accuracy(prediction):
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
-def training_arguments(args, model, output_dir, evaluate):
+def training_arguments(args, output_dir, evaluate):
     # on a machine without CUDA, Trainer runs torchrun's processes as one each unless told to use the CPU
     use_cpu = args.cpu or not torch.cuda.is_available()
     if args.fsdp and use_cpu:
         fail("--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on the CPU, processes use DDP)")
     bf16 = not use_cpu and not args.fp32
     fsdp_config = None
-    if args.fsdp:  # one FSDP unit per block: the model's _no_split_modules
-        fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": list(model._no_split_modules),
-                       "activation_checkpointing": args.gradient_checkpointing, "state_dict_type": "FULL_STATE_DICT"}
+    if args.fsdp:  # one FSDP unit per block: accelerate wraps the model's _no_split_modules by default
+        fsdp_config = {"version": 2, "activation_checkpointing": args.gradient_checkpointing, "state_dict_type": "FULL_STATE_DICT"}
     training_args = TrainingArguments(
         output_dir=output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
@@ -297,17 +304,6 @@ def model_card(args, trainer, labels, metrics, eval_images, repo_id):
     )
 
 
-def push(folder, repo_id, private):
-    """Create the Hub model repository if needed and upload the folder in one commit."""
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload fine-tuned MambaVision")
-    except (OSError, ValueError) as error:  # Hub HTTP errors are OSErrors, invalid repo ids ValueErrors
-        fail(f"could not push to {repo_id}: {str(error).strip().splitlines()[0]}")
-    print(f"pushed {folder} to {getattr(commit, 'commit_url', repo_id)}")
-
-
 def check_arguments(parser, args):
     if args.synthetic and (args.output_dir or args.push_to_hub or args.eval_dir):
         parser.error("--synthetic measures throughput and saves nothing: drop --output-dir, --eval-dir, --push-to-hub")
@@ -371,28 +367,32 @@ def main(argv=None):
 
 
 def run(args):
-    train_pairs, eval_pairs, labels = load_data(args)
-    set_seed(args.seed)  # the new head's initialisation
-    config_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
-    if args.drop_path_rate is not None:
-        config_fields["drop_path_rate"] = args.drop_path_rate
-    model, processor = scale_utils.load_model(args, AutoModelForImageClassification, config_fields,
-                                              ignore_mismatched_sizes=True)
-    model_class = type(model)  # FSDP2 changes the class of the model it shards
-    # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
-    # across processes (it takes model code whose forward has **kwargs to normalise by num_items_in_batch).
-    model.accepts_loss_kwargs = False
-    if args.synthetic:
-        train_set = SyntheticImages(args.synthetic, len(labels), model.config.image_size, args.seed)
-        eval_set = None
-    else:
-        train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
-        train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
-        eval_set = Examples(eval_pairs, processor.val_transforms, processor.to_rgb_image) if eval_pairs is not None else None
-
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's folder for --synthetic, where nothing is saved
         output_dir = args.output_dir or scratch
-        training_args = training_arguments(args, model, output_dir, eval_set is not None)
+        # first: it sets up the processes (torchrun's), which then load one after the other
+        evaluate = bool(args.eval_dir or (args.dataset and args.eval_split))
+        training_args = training_arguments(args, output_dir, evaluate)
+        with scale_utils.main_process_first():
+            train_pairs, eval_pairs, labels = load_data(args)
+            set_seed(args.seed)  # the new head's initialisation
+            config_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+            if args.drop_path_rate is not None:
+                config_fields["drop_path_rate"] = args.drop_path_rate
+            model, processor = scale_utils.load_model(args, AutoModelForImageClassification, config_fields,
+                                                      ignore_mismatched_sizes=True)
+        model_class = type(model)  # FSDP2 changes the class of the model it shards
+        # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
+        # across processes (it would normalise by num_items_in_batch for model code whose forward has **kwargs,
+        # as a --model from another repository may have).
+        model.accepts_loss_kwargs = False
+        if args.synthetic:
+            train_set = SyntheticImages(args.synthetic, len(labels), model.config.image_size, args.seed)
+            eval_set = None
+        else:
+            train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
+            train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
+            eval_set = Examples(eval_pairs, processor.val_transforms, processor.to_rgb_image) if eval_pairs is not None else None
+
         global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation
         trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                           processing_class=processor, compute_metrics=accuracy,
@@ -413,9 +413,12 @@ def run(args):
         model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
         print(f"wrote {output_dir}" + (f" (eval accuracy {metrics['eval_accuracy']:.4f})" if eval_set else ""))
         if args.push_to_hub:
-            push(output_dir, args.push_to_hub, args.private)
+            try:
+                publishing.push_to_hub(output_dir, args.push_to_hub, private=args.private,
+                                       commit_message="Upload fine-tuned MambaVision")
+            except ConversionError as error:
+                fail(str(error))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

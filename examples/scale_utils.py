@@ -6,6 +6,7 @@ folder's config with random weights (``--random-weights``), or a variant's archi
 folder, so that benchmarks of the large variants run offline.
 """
 
+import contextlib
 import difflib
 import json
 import sys
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoImageProcessor
 
 from mambavision_tools import model_code
+from mambavision_tools.report import first_line
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 GIB = 2**30
@@ -43,7 +45,6 @@ def variant_config(name, **fields):
         fail(f"unknown variant {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     variant = known[name]
     config_class = model_code.load("configuration_mambavision").MambaVisionConfig
-    config_class.register_for_auto_class()  # save_pretrained then writes the code and auto_map
     return config_class(**{**variant.architecture, **variant.preprocessing, **fields})
 
 
@@ -60,7 +61,6 @@ def load_model(args, auto_class, config_fields=None, **load_kwargs):
             fail("--random-weights goes with --model (a --variant model has random weights already)")
         config = variant_config(args.variant, **config_fields)
         model_class = _model_class(auto_class)
-        model_class.register_for_auto_class(auto_class.__name__)
         processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
         return model_class(config), processor
     try:
@@ -71,7 +71,7 @@ def load_model(args, auto_class, config_fields=None, **load_kwargs):
             model = auto_class.from_pretrained(args.model, trust_remote_code=True, **config_fields, **load_kwargs)
         processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     except (OSError, ValueError) as error:  # missing folder or repo, no weights, not a MambaVision model
-        fail(f"cannot load {args.model}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot load {args.model}: {first_line(error)}")
     return model, processor
 
 
@@ -86,6 +86,19 @@ def distributed():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the other ranks once it is done: loading remote code writes transformers'
+    module cache, which a rank could otherwise import half-written from another (huggingface/transformers#27421);
+    a dataset download likewise happens once."""
+    rank, world = distributed()
+    if rank != 0:
+        dist.barrier()
+    yield
+    if rank == 0 and world > 1:
+        dist.barrier()
 
 
 def leave_process_group():

@@ -26,6 +26,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 import extract_features
 import finetune
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
+from mambavision_tools import publishing
 from mambavision_tools.hub_folder import save_model_folder
 
 LOSS_RTOL = 1e-5  # float32 on the CPU; gradients summed in another order (all-reduce vs accumulation)
@@ -108,13 +109,16 @@ def test_finetune_two_processes_match_one(model_folder, class_tree, tmp_path, mo
     uploads = []
 
     class FakeHub:  # --push-to-hub without a network: record what would be uploaded
+        def __init__(self, token=None):
+            pass
+
         def create_repo(self, repo_id, **kwargs):
             uploads.append(("create", repo_id))
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             uploads.append(("upload", repo_id, sorted(path.name for path in folder_path.iterdir())))
 
-    monkeypatch.setattr(finetune, "HfApi", FakeHub)
+    monkeypatch.setattr(publishing, "HfApi", FakeHub)
     one = tmp_path / "one"
     finetune.main([str(arg) for arg in common] + ["--gradient-accumulation", "2", "--output-dir", str(one),
                                                   "--push-to-hub", "someone/tiny-pets"])
@@ -252,8 +256,11 @@ def test_extract_resumes_after_kill(model_folder, image_tree, one_process, tmp_p
     with open(log, "w") as log_file:
         run = torchrun(script, *arguments, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     try:
+        def stalled():  # each rank's first shard renamed into place, its second written and stalling
+            return len(list(output.glob("shard-*.safetensors"))) == 2 and len(list(output.glob(".shard-*.tmp"))) == 2
+
         deadline = time.monotonic() + 240
-        while len(list(output.glob(".shard-*.tmp"))) < 2 and run.poll() is None and time.monotonic() < deadline:
+        while not stalled() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:  # the launcher and both ranks, each in the middle of writing a shard (torchrun gives each rank a
         # session of its own, so the launcher's process group does not hold them)
