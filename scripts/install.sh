@@ -14,10 +14,14 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 matrix_constraints=$(mktemp)
 trap 'rm -f "$matrix_constraints"' EXIT
 grep -v -i -E '^(transformers|huggingface[-_]hub|tokenizers)==' constraints.txt > "$matrix_constraints"
+# A folder is rebuilt when its line or the constraints change: pip --target copies shared packages (numpy, ...)
+# into it, which shadow .venv's under PYTHONPATH, so stale copies must not outlive a bump.
 grep -v -E '^\s*(#|$)' requirements-compat.txt | while read -r -a line; do
   version=${line[0]#transformers==}
-  if [ ! -d ".tf$version/transformers-$version.dist-info" ]; then
+  stamp="${line[*]} $(sha256sum < "$matrix_constraints")"
+  if [ "$(cat ".tf$version/.installed" 2>/dev/null)" != "$stamp" ]; then
     rm -rf ".tf$version"
     "${PIP[@]}" --target ".tf$version" "${line[@]}" -c "$matrix_constraints"
+    echo "$stamp" > ".tf$version/.installed"
   fi
 done
