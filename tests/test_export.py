@@ -1,6 +1,7 @@
 """torch.compile, torch.export and ONNX on the PyTorch scan (CPU, float32): outputs against eager at resolutions
 other than the traced one, dynamic batch, height and width, and one static graph per new resolution."""
 
+import onnxruntime  # requirements-test.txt: a missing install fails, it does not skip
 import pytest
 import torch
 
@@ -47,7 +48,6 @@ def test_export_with_dynamic_batch_height_and_width(model, exported):
 
 
 def test_onnx_export_runs_in_onnxruntime_at_other_resolutions(model, exported, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
     path = tmp_path / "mambavision.onnx"
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         torch.onnx.export(exported, f=path, dynamo=True, input_names=["pixel_values"], output_names=["logits"])
