@@ -5,9 +5,11 @@ import os
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file
+from timm.data import create_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
@@ -15,6 +17,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 from mambavision_tools import model_code  # noqa: E402
 from mambavision_tools.checkpoints import convert_state_dict  # noqa: E402
 from mambavision_tools.configs import config_from_architecture  # noqa: E402
+from mambavision_tools.hub_folder import save_model_folder  # noqa: E402
 
 SHARED = Path(os.environ.get("MAMBAVISION_SHARED", ROOT.parent / "shared"))  # the team's reference folder
 FIXTURES = SHARED / "fixtures"
@@ -51,6 +54,33 @@ def randomize_batchnorm(model):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def save_tiny_folder(folder, config):
+    """A converted folder of a random classifier of ``config`` (seed 0, randomized BatchNorm statistics)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(config))
+    save_model_folder(model.eval(), folder)
+    return folder
+
+
+# Pictures for the image processor: square, landscape, portrait, odd sizes and an extreme aspect ratio.
+IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (width, height)
+
+
+def timm_transform(config, is_training=False):
+    """timm's transform built from the config's preprocessing fields, as NVIDIA's model card builds it: resize,
+    crop and normalise (eval), or timm's default training augmentation (``is_training``)."""
+    return create_transform(input_size=(3, config.image_size, config.image_size), is_training=is_training,
+                            mean=config.mean, std=config.std, crop_mode=config.crop_mode, crop_pct=config.crop_pct,
+                            interpolation=config.interpolation)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any Hub request raises: everything must come from local files."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def load_fixture(name):

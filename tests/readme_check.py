@@ -85,41 +85,26 @@ def fresh_copy(destination):
 
 def provide_placeholders(workdir):
     """Make the files and objects the README leaves to the reader; returns the namespace of the python blocks."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    from compat_worker import sample_images
+    from conftest import TINY_ARCHITECTURE, configuration, model_code, save_tiny_folder
 
-    sys.path.insert(0, str(ROOT))
-    from mambavision_tools import model_code
-    from mambavision_tools.hub_folder import save_model_folder
+    config = configuration.MambaVisionConfig(**TINY_ARCHITECTURE, image_size=64)  # ImageNet's 1000 classes
+    folder = save_tiny_folder(workdir / "placeholders" / "MambaVision-tiny", config)
 
-    configuration, modeling = model_code.load("configuration_mambavision"), model_code.load("modeling_mambavision")
-    torch.manual_seed(0)
-    config = configuration.MambaVisionConfig(depths=[1, 1, 3, 2], num_heads=[1, 1, 2, 4], window_size=[4, 4, 4, 2],
-                                             dim=8, in_dim=8, mlp_ratio=2.0, drop_path_rate=0.0, image_size=64)
-    folder = workdir / "placeholders" / "MambaVision-tiny"
-    save_model_folder(modeling.MambaVisionModelForImageClassification(config).eval(), folder)
-
-    rng = np.random.default_rng(0)
-
-    def picture(seed_offset=0, size=(48, 40)):
-        gradient = np.linspace(0, 255, size[0])[None, :, None] * np.array([1.0, 0.5, 0.2])
-        noise = rng.normal(0, 40 + seed_offset, (size[1], size[0], 3))
-        return Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8))
-
-    image = picture()
+    pictures = iter(sample_images([(48, 40)] * (1 + 2 * 2 * 3 + 5 + 4)))  # each one different
+    image = next(pictures)
     image.save(workdir / "cat.jpg")
     for split in ("train", "val"):
         for label in ("cat", "dog"):
             (workdir / "pets" / split / label).mkdir(parents=True)
             for i in range(3):
-                picture(i).save(workdir / "pets" / split / label / f"{i}.png")
+                next(pictures).save(workdir / "pets" / split / label / f"{i}.png")
     (workdir / "photos").mkdir()
     for i in range(5):
-        picture(i).save(workdir / "photos" / f"photo{i}.jpg")
+        next(pictures).save(workdir / "photos" / f"photo{i}.jpg")
 
     processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
-    pixels = processor([picture(i) for i in range(4)], return_tensors="pt")["pixel_values"]
+    pixels = processor([next(pictures) for _ in range(4)], return_tensors="pt")["pixel_values"]
     examples = [{"pixel_values": p, "labels": i % 2} for i, p in enumerate(pixels)]
     return {"__name__": "__main__", "repo": str(folder), "folder": str(folder), "image": image,
             "id2label": {0: "cat", 1: "dog"}, "label2id": {"cat": 0, "dog": 1}, "train": examples, "val": examples}

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm.data import create_transform
 
 import compat_worker
-from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
+from conftest import ROOT, modeling, randomize_batchnorm, timm_transform, tiny_config
 from mambavision_tools.hub_folder import save_model_folder
 
 MATRIX_FILE = ROOT / "requirements-compat.txt"
@@ -126,9 +125,7 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, main):
     """The reference row is right: timm's eval transform, the model that wrote the folder, the pipelines."""
     _, model = folder
     config = model.config
-    transform = create_transform(input_size=(3, config.image_size, config.image_size), is_training=False,
-                                 mean=config.mean, std=config.std, crop_mode=config.crop_mode,
-                                 crop_pct=config.crop_pct, interpolation=config.interpolation)
+    transform = timm_transform(config)
     images = compat_worker.sample_images()
     expected_pixels = torch.stack([transform(image.convert("RGB")) for image in images])
     torch.testing.assert_close(main["pixel_values"], expected_pixels, **TOLERANCE)

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -26,13 +25,6 @@ from mambavision_tools.configs import build_config, get_variant, variant_from_co
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 VARIANT = PROJECT_VARIANTS[digits.VARIANT]
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any Hub request raises: everything must come from the repository."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

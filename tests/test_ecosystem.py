@@ -2,54 +2,26 @@
 timm's own transform and eager outputs. The image processor has tests/test_image_processor.py; torch.compile,
 torch.export and ONNX, tests/test_export.py; other transformers versions, tests/test_compat.py."""
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform
+from timm.data import ImageNetInfo
 from transformers import (AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
                           Trainer, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation, pipeline)
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 
-from conftest import TINY_ARCHITECTURE, configuration, modeling, randomize_batchnorm
-from mambavision_tools.hub_folder import save_model_folder
-
-IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (width, height)
+from compat_worker import sample_images
+from conftest import IMAGE_SIZES, TINY_ARCHITECTURE, configuration, save_tiny_folder, timm_transform
 
 
 def tiny_imagenet_config(**overrides):
     """A tiny MambaVision with NVIDIA's default head: 1000 ImageNet classes, named."""
     fields = dict(layer_scale=0.5, layer_scale_conv=0.5, crop_pct=0.875)
     return configuration.MambaVisionConfig(**{**TINY_ARCHITECTURE, **fields, **overrides})
-
-
-def save_tiny_folder(folder, **overrides):
-    torch.manual_seed(0)
-    model = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(tiny_imagenet_config(**overrides)))
-    save_model_folder(model.eval(), folder)
-    return folder
-
-
-def sample_images(sizes=IMAGE_SIZES, seed=0):
-    """Noise over a colour gradient: hard on resampling differences, easy to tell apart."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for width, height in sizes:
-        gradient = np.linspace(0, 255, width)[None, :, None] * np.array([1.0, 0.5, 0.2])
-        pixels = np.clip(gradient + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
-        images.append(Image.fromarray(pixels))
-    return images
-
-
-def timm_eval_transform(config):
-    """The transform NVIDIA's model card builds with timm, at the config's interpolation (bicubic)."""
-    return create_transform(input_size=(3, config.image_size, config.image_size), is_training=False,
-                            mean=config.mean, std=config.std, crop_mode=config.crop_mode, crop_pct=config.crop_pct,
-                            interpolation=config.interpolation)
 
 
 def backbone_from_folder(folder, **kwargs):
@@ -65,14 +37,7 @@ def backbone_from_folder(folder, **kwargs):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return save_tiny_folder(tmp_path_factory.mktemp("ecosystem") / "MambaVision-tiny")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any Hub request raises: everything below must come from the folder."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return save_tiny_folder(tmp_path_factory.mktemp("ecosystem") / "MambaVision-tiny", tiny_imagenet_config())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,9 +47,9 @@ def offline(monkeypatch):
 def test_image_classification_pipeline(folder, offline):
     classifier = pipeline("image-classification", model=str(folder), trust_remote_code=True)
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    transform = timm_eval_transform(model.config)
+    transform = timm_transform(model.config)
     imagenet = set(ImageNetInfo().label_descriptions())
-    for image in sample_images()[:2]:
+    for image in sample_images(IMAGE_SIZES)[:2]:
         predictions = classifier(image, top_k=3)
         with torch.no_grad():
             probabilities = model(transform(image)[None]).logits.softmax(-1)[0]
@@ -97,9 +62,9 @@ def test_image_classification_pipeline(folder, offline):
 def test_image_feature_extraction_pipeline(folder, offline):
     extractor = pipeline("image-feature-extraction", model=str(folder), trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    image = sample_images()[1]
+    image = sample_images(IMAGE_SIZES)[1]
     with torch.no_grad():
-        pooled = model(timm_eval_transform(model.config)(image)[None]).pooler_output
+        pooled = model(timm_transform(model.config)(image)[None]).pooler_output
     features = extractor(image, return_tensors=True)
     assert features.shape == (1, model.config.num_features)
     torch.testing.assert_close(features, pooled, rtol=1e-5, atol=1e-6)
@@ -155,7 +120,7 @@ def test_head_swap_and_trainer_reduce_loss(folder, tmp_path, offline):
     # the trained folder works in the pipeline with its new labels
     trainer.save_model(tmp_path / "finetuned")
     classifier = pipeline("image-classification", model=str(tmp_path / "finetuned"), trust_remote_code=True)
-    assert {p["label"] for p in classifier(sample_images()[0])} == {"red", "blue"}
+    assert {p["label"] for p in classifier(sample_images(IMAGE_SIZES)[0])} == {"red", "blue"}
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])

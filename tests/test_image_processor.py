@@ -1,7 +1,6 @@
 """The image processor: timm's own eval transform (to 1e-6) from preprocessor_config.json, every image mode and
 array type as the RGB picture it shows, clear errors for the rest, and the same through both pipelines."""
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -10,8 +9,7 @@ from timm.data import create_transform
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
 from compat_worker import image_inputs, sample_images
-from conftest import model_code, modeling, randomize_batchnorm, tiny_config
-from mambavision_tools.hub_folder import save_model_folder
+from conftest import IMAGE_SIZES, model_code, save_tiny_folder, timm_transform, tiny_config
 
 image_processing = model_code.load("image_processing_mambavision")
 # the preprocessing of two published variants: MambaVision-T2-1K and MambaVision-L3-512-21K
@@ -19,22 +17,11 @@ PREPROCESSING = {
     "center": dict(image_size=224, crop_pct=0.98, crop_mode="center"),
     "squash": dict(image_size=512, crop_pct=0.93, crop_mode="squash"),
 }
-IMAGE_SIZES = [(224, 224), (320, 240), (240, 320), (97, 151), (600, 90)]  # (width, height)
 TOLERANCE = dict(rtol=0, atol=1e-6)
 
 
 def save_folder(folder, **overrides):
-    torch.manual_seed(0)
-    config = tiny_config(**{"image_size": 32, "crop_pct": 0.875, **overrides})
-    save_model_folder(randomize_batchnorm(modeling.MambaVisionModelForImageClassification(config)).eval(), folder)
-    return folder
-
-
-def timm_eval_transform(config):
-    """The transform NVIDIA's model card builds with timm."""
-    return create_transform(input_size=(3, config.image_size, config.image_size), is_training=False,
-                            mean=config.mean, std=config.std, crop_mode=config.crop_mode, crop_pct=config.crop_pct,
-                            interpolation=config.interpolation)
+    return save_tiny_folder(folder, tiny_config(**{"image_size": 32, "crop_pct": 0.875, **overrides}))
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +34,12 @@ def processor(folder):
     return AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """Any Hub request raises: everything below must come from the folder."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @pytest.mark.parametrize("mode", sorted(PREPROCESSING))
 def test_processor_matches_timm_transform(mode, tmp_path, offline):
     folder = save_folder(tmp_path / mode, **PREPROCESSING[mode])
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    transform = timm_eval_transform(config)
+    transform = timm_transform(config)
     images = sample_images(IMAGE_SIZES)
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     expected = torch.stack([transform(image) for image in images])
