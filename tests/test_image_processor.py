@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from timm.data import create_transform
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
 from compat_worker import image_inputs, sample_images
@@ -58,14 +57,13 @@ def test_processor_round_trip_and_folder_files(folder, processor, tmp_path):
     assert image_processing.MambaVisionImageProcessor.from_model_config(config).pretrained_cfg == processor.pretrained_cfg
 
 
-def test_train_transforms_are_timms_training_augmentation(processor):
-    data = processor.data_config
-    expected = create_transform(**data, is_training=True)
-    assert repr(processor.train_transforms) == repr(expected)
+def test_train_transforms_are_timms_training_augmentation(folder, processor):
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert repr(processor.train_transforms) == repr(timm_transform(config, is_training=True))
     torch.manual_seed(0)
     sixteen_bit = Image.fromarray(np.asarray(sample_images()[0].convert("L")).astype(np.uint16) * 257)
     augmented = processor.train_transforms(processor.to_rgb_image(sixteen_bit))
-    assert augmented.shape == (3, *data["input_size"][1:])
+    assert augmented.shape == (3, config.image_size, config.image_size)
     assert processor.to_rgb_image(sixteen_bit).tobytes() == sample_images()[0].convert("L").convert("RGB").tobytes()
 
 
