@@ -115,7 +115,14 @@ def with_hub_ids_replaced(code, folder):
 
 
 def run(readme=ROOT / "README.md", log=print):
-    """Run every block of ``readme``; returns (failures, skipped): lists of (block, message)."""
+    """Run every block of ``readme``; returns (failures, skipped): lists of (block, message).
+
+    The Hugging Face home (where transformers writes remote-code modules) becomes the scratch folder, for the
+    python blocks too: so this runs in a process that has not imported transformers yet (this script's).
+    """
+    if {"huggingface_hub", "transformers"} & set(sys.modules):
+        raise RuntimeError("readme_check.run() must come before huggingface_hub and transformers are imported: "
+                           "they read HF_HOME once, and the blocks' modules would go to the user's cache")
     all_blocks = [b for b in blocks(Path(readme).read_text()) if b.language in RUNNABLE]
     failures, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="readme-check-") as scratch:
@@ -123,9 +130,10 @@ def run(readme=ROOT / "README.md", log=print):
         workdir.mkdir()
         fresh_copy(workdir)
         os.chdir(workdir)
+        home = Path(scratch) / "hf"
+        os.environ.update(HF_HOME=str(home), HF_MODULES_CACHE=str(home / "modules"))  # bash blocks inherit it
         namespace = provide_placeholders(workdir)
         folder = namespace["folder"]
-        env = dict(os.environ, HF_HOME=str(Path(scratch) / "hf"), HF_HUB_OFFLINE="1")
         for block in all_blocks:
             where = f"README.md line {block.line} ({block.language})"
             if block.skip:
@@ -146,7 +154,7 @@ def run(readme=ROOT / "README.md", log=print):
                 except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
                     message = traceback.format_exc(limit=-3)
             else:
-                result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir, env=env,
+                result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir,
                                         capture_output=True, text=True, timeout=BASH_TIMEOUT)
                 message = None if result.returncode == 0 else f"exit {result.returncode}\n{result.stderr[-3000:]}"
             seconds = time.monotonic() - start
