@@ -10,10 +10,9 @@ from pathlib import Path
 from . import model_code
 
 modeling = model_code.load("modeling_mambavision")
-PROCESSOR_AUTO_CLASSES = ("AutoImageProcessor",)  # in preprocessor_config.json; the rest go in config.json
-CONFIG_AUTO_MAP = {name: path for name, path in modeling.AUTO_MAP.items() if name not in PROCESSOR_AUTO_CLASSES}
-PROCESSOR_AUTO_MAP = {name: modeling.AUTO_MAP[name] for name in PROCESSOR_AUTO_CLASSES}
-PROCESSOR_CONFIG = "preprocessor_config.json"
+# preprocessor_config.json gets the AutoImageProcessor entry from the processor's own save_pretrained
+# (its `_auto_class`); config.json gets the rest
+CONFIG_AUTO_MAP = {name: path for name, path in modeling.AUTO_MAP.items() if name != "AutoImageProcessor"}
 CARD = "README.md"
 # what save_model_folder and the card write, beside HUB_FILES (weights: one file, or shards and their index)
 FOLDER_FILES = re.compile(r"config\.json|preprocessor_config\.json|README\.md|model(-\d+-of-\d+)?\.safetensors"
@@ -28,11 +27,6 @@ def save_model_folder(model, folder, max_shard_size="2GB"):
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(model.config)
     processor.save_pretrained(folder)
-    settings_file = folder / PROCESSOR_CONFIG
-    settings = json.loads(settings_file.read_text())
-    if settings.get("auto_map") != PROCESSOR_AUTO_MAP:
-        settings["auto_map"] = dict(PROCESSOR_AUTO_MAP)
-        settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
         shutil.copy2(model_code.ROOT / name, folder / name)
     # transformers 5 writes the weights through a private temporary file (mode 0600): give them the mode that

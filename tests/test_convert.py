@@ -30,7 +30,7 @@ from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, T
 from convert_checkpoint import main
 from mambavision_tools.checkpoints import convert_state_dict, original_key, original_state_dict, rename_key
 from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, parameter_count
-from mambavision_tools.hub_folder import CONFIG_AUTO_MAP, PROCESSOR_AUTO_MAP
+from mambavision_tools.hub_folder import CONFIG_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
 LAYER_SCALED = {**TINY_ARCHITECTURE, "layer_scale": 0.5}  # the tiny architecture, as a --config file holds it
@@ -184,7 +184,8 @@ def test_variant_converts_end_to_end(name, tmp_path, capsys):
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["MambaVisionModelForImageClassification"]
     assert config["auto_map"] == CONFIG_AUTO_MAP  # the recipe's config and model entries
-    assert json.loads((folder / "preprocessor_config.json").read_text())["auto_map"] == PROCESSOR_AUTO_MAP
+    processor_auto_map = json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]
+    assert processor_auto_map == {"AutoImageProcessor": modeling.AUTO_MAP["AutoImageProcessor"]}
     labels = ImageNetInfo("imagenet-1k").label_descriptions()
     assert config["id2label"] == {str(i): label for i, label in enumerate(labels)}
     assert config["label2id"] == {label: i for i, label in enumerate(labels)}
