@@ -8,7 +8,7 @@ files load unchanged. Defaults describe MambaVision-T.
 from timm.data import ImageNetInfo
 from transformers import PretrainedConfig
 
-from .selective_scan import SCAN_BACKENDS
+from .selective_scan import check_backend_name
 
 # Compatibility (transformers 4.40 to 5.x): the backbone mixin moved in 5.1 and took over aligning the outputs.
 try:  # transformers >= 5.1
@@ -174,7 +174,6 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"MambaVisionConfig: `{name}` must be a number or None, got {value!r}")
-        if self.scan_backend != "auto" and self.scan_backend not in SCAN_BACKENDS:
-            raise ValueError(f"MambaVisionConfig: `scan_backend` must be 'auto' or one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        check_backend_name(self.scan_backend, "MambaVisionConfig: `scan_backend`")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"MambaVisionConfig: `crop_mode` must be one of {CROP_MODES}, got {self.crop_mode!r}")

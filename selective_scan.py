@@ -216,6 +216,14 @@ def _warn_once(message):
         logger.warning(message)
 
 
+def check_backend_name(name, what):
+    """Refuse a scan backend name other than "auto" and ``SCAN_BACKENDS`` with a ValueError that says ``what`` held
+    it (the config field, the environment variable, the requested backend): the config and ``resolve_backend``
+    both check with it."""
+    if name != "auto" and name not in SCAN_BACKENDS:
+        raise ValueError(f"{what}: unknown scan backend {name!r}; choose auto or one of {', '.join(SCAN_BACKENDS)}")
+
+
 @torch.compiler.assume_constant_result
 def resolve_backend(requested, device, d_state, dtype):
     """The one place that decides which scan runs: ``requested`` ("auto" or a backend) for a scan on
@@ -226,8 +234,7 @@ def resolve_backend(requested, device, d_state, dtype):
     warning once when a CUDA tensor misses every fast kernel. Compiled graphs see the answer as a constant.
     """
     requested = os.environ.get(ENV_BACKEND, requested) or "auto"
-    if requested != "auto" and requested not in SCAN_BACKENDS:
-        raise ValueError(f"unknown scan backend {requested!r}; choose auto or one of {', '.join(SCAN_BACKENDS)}")
+    check_backend_name(requested, ENV_BACKEND if ENV_BACKEND in os.environ else "the requested backend")
     if requested == "torch":
         return "torch"
     reasons = {}
