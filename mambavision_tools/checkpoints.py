@@ -16,38 +16,22 @@ from safetensors.torch import load_file
 
 from .report import ConversionError, first_line, listing, progress
 
-# Original name prefix -> transformers name prefix: the backbone lives under `model` in every transformers
-# class. Read forwards to convert a checkpoint, backwards to save a transformers model in the original layout.
-KEY_RENAMES = {"": "model."}
-ORIGINAL_PREFIXES = {converted: original for original, converted in KEY_RENAMES.items()}
+# Original names -> transformers names: the backbone lives under `model` in every transformers class. Added to
+# convert a checkpoint, removed to save a transformers model in the original layout.
+PREFIX = "model."
 # Wrappers around the original names, dropped when every key has one: DataParallel's `module.`, and `model.`
 # in the safetensors files of NVIDIA's Hub repos.
 WRAPPER_PREFIXES = ("module.", "model.")
 
 
-def _replace_prefix(key, table):
-    for old in sorted(table, key=len, reverse=True):  # the longest matching prefix wins
-        if key.startswith(old):
-            return table[old] + key[len(old):]
-    return None
-
-
-def rename_key(key):
-    """Original tensor name -> transformers name."""
-    return _replace_prefix(key, KEY_RENAMES)
+def convert_state_dict(state_dict):
+    """Original tensors under transformers names."""
+    return {PREFIX + key: tensor for key, tensor in state_dict.items()}
 
 
 def original_key(key):
-    """Transformers tensor name -> original name (the inverse of ``rename_key``)."""
-    original = _replace_prefix(key, ORIGINAL_PREFIXES)
-    if original is None:
-        raise KeyError(f"{key!r} is not a name that KEY_RENAMES produces")
-    return original
-
-
-def convert_state_dict(state_dict):
-    """Original tensors under transformers names."""
-    return {rename_key(key): tensor for key, tensor in state_dict.items()}
+    """Transformers tensor name -> original name."""
+    return key.removeprefix(PREFIX)
 
 
 def original_state_dict(state_dict):
@@ -112,7 +96,7 @@ def read_checkpoint(path):
         raise ConversionError(f"{path} holds no state dict (tensors by name, alone or under 'state_dict' or 'model')")
     for prefix in WRAPPER_PREFIXES:
         if all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix):]: tensor for key, tensor in state_dict.items()}
+            state_dict = {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
     check_finite(state_dict, path)
     return state_dict
 

@@ -28,7 +28,6 @@ from mambavision_tools import conversion, model_code, publishing, variants
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, TINY_ARCHITECTURE, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
-from mambavision_tools.checkpoints import convert_state_dict, original_key, original_state_dict, rename_key
 from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, parameter_count
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
@@ -697,15 +696,7 @@ def test_parameter_count_is_the_models(name, config):
     assert parameter_count(config) == sum(p.numel() for p in model.parameters())
 
 
-# --- the library: key renames and the Hub folder's recipe -------------------------------------------------------
-
-
-def test_key_renames_invert_exactly(tiny):
-    converted = convert_state_dict(tiny["state_dict"])
-    assert all(rename_key(original_key(key)) == key for key in converted)
-    assert original_state_dict(converted) == tiny["state_dict"]
-    with pytest.raises(KeyError, match="not a name that KEY_RENAMES produces"):
-        original_key("head.weight")
+# --- the library: the Hub folder's recipe -------------------------------------------------------------------
 
 
 def test_hub_files_hold_every_module_they_import():
