@@ -113,8 +113,10 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         self.stage_names = list(STAGE_NAMES)
         self._set_backbone_outputs(out_features, out_indices)
         if "num_labels" not in kwargs and "id2label" not in kwargs:
-            # NVIDIA's config.json files name no labels: their heads are ImageNet-1k classifiers
-            kwargs["id2label"] = dict(enumerate(ImageNetInfo().label_descriptions()))
+            # NVIDIA's config.json files name no labels: their heads are ImageNet-1k classifiers (timm's class names)
+            names = ImageNetInfo("imagenet-1k").label_descriptions()
+            kwargs["id2label"] = dict(enumerate(names))
+            kwargs.setdefault("label2id", {name: index for index, name in enumerate(names)})
         super().__init__(**kwargs)
 
     @property

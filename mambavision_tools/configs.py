@@ -12,8 +12,6 @@ import math
 import reprlib
 from pathlib import Path
 
-from timm.data import ImageNetInfo
-
 from . import model_code, variants
 from .report import ConversionError, first_line, listing
 
@@ -178,12 +176,9 @@ def _config(fields, where):
 
 
 def build_config(variant):
-    """The ``MambaVisionConfig`` of a variant, with timm's ImageNet-1k class names where it predicts them."""
-    labels = {}
-    if variant.imagenet_labels:
-        names = ImageNetInfo("imagenet-1k").label_descriptions()
-        labels = {"id2label": dict(enumerate(names)), "label2id": {label: i for i, label in enumerate(names)}}
-    return _config({**variant.architecture, **variant.preprocessing, **labels}, f"variant {variant.name}")
+    """The ``MambaVisionConfig`` of a variant (a head without classes of its own gets the config's default, timm's
+    ImageNet-1k class names)."""
+    return _config({**variant.architecture, **variant.preprocessing}, f"variant {variant.name}")
 
 
 def variant_from_config_file(path, name):
