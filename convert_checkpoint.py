@@ -21,7 +21,7 @@ from transformers.utils import logging as transformers_logging
 from transformers.utils.hub import convert_file_size_to_int
 
 from mambavision_tools import variants
-from mambavision_tools.configs import get_variant, variant_from_config_file
+from mambavision_tools.configs import get_variant, read_config_file
 from mambavision_tools.conversion import check_output_dir, convert, fetch_checkpoint
 from mambavision_tools.hub_folder import is_model_folder
 from mambavision_tools.publishing import push_to_hub
@@ -128,12 +128,12 @@ def _run(args):
     if not args.all:
         output_dir = Path(args.output_dir)
         if args.config:
-            variant = variant_from_config_file(args.config, (args.push_to_hub or output_dir.name).split("/")[-1])
+            variant, config = read_config_file(args.config, (args.push_to_hub or output_dir.name).split("/")[-1])
         else:
-            variant = get_variant(args.variant)
-        check_output_dir(output_dir, args.overwrite, args.force_overwrite, args.checkpoint)
+            variant, config = get_variant(args.variant), None
+        check_output_dir(output_dir, args.overwrite, args.force_overwrite, args.checkpoint)  # before any download
         checkpoint = args.checkpoint or fetch_checkpoint(variant)
-        convert(variant, checkpoint, output_dir, repo_id=args.push_to_hub, **options)
+        convert(variant, checkpoint, output_dir, config=config, repo_id=args.push_to_hub, **options)
         if args.push_to_hub:
             push_to_hub(output_dir, args.push_to_hub, **_commit_message(push, variant, checkpoint))
         return

@@ -181,9 +181,9 @@ def build_config(variant):
     return _config({**variant.architecture, **variant.preprocessing}, f"variant {variant.name}")
 
 
-def variant_from_config_file(path, name):
-    """A custom ``Variant`` from a JSON of config fields (original argument names such as ``num_classes`` too),
-    validated completely before any checkpoint is read."""
+def read_config_file(path, name):
+    """A custom ``Variant`` and its config from a JSON of config fields (original argument names such as
+    ``num_classes`` too), validated completely before any checkpoint is read."""
     path = Path(path)
     try:
         fields = json.loads(path.read_text())
@@ -195,15 +195,22 @@ def variant_from_config_file(path, name):
     unknown = sorted(set(fields) - CONFIG_FIELDS)
     if unknown:
         raise ConversionError(f"unknown field(s) in the config {path}: {listing(unknown)}")
-    _config(fields, f"the config {path}")
-    preprocessing = {key: fields.pop(key) for key in PREPROCESSING_FIELDS if key in fields}
-    # a 1000-class head without names of its own is an ImageNet-1k classifier
+    # a 1000-class head without names of its own is an ImageNet-1k classifier: the config's default names
     imagenet_labels = "id2label" not in fields and fields.get("num_labels", 1000) == 1000
     if imagenet_labels:
         fields.pop("num_labels", None)
-    return variants.Variant(name=name, repo_id=name, checkpoint=None, architecture=fields,
-                            imagenet_labels=imagenet_labels, datasets=(),
-                            description=f"A MambaVision model with a custom architecture ({path.name}).", **preprocessing)
+    config = _config(fields, f"the config {path}")
+    preprocessing = {key: fields.pop(key) for key in PREPROCESSING_FIELDS if key in fields}
+    variant = variants.Variant(name=name, repo_id=name, checkpoint=None, architecture=fields,
+                               imagenet_labels=imagenet_labels, datasets=(),
+                               description=f"A MambaVision model with a custom architecture ({path.name}).",
+                               **preprocessing)
+    return variant, config
+
+
+def variant_from_config_file(path, name):
+    """The ``Variant`` of ``read_config_file`` (its config is ``build_config(variant)``)."""
+    return read_config_file(path, name)[0]
 
 
 def get_variant(name):

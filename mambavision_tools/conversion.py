@@ -118,18 +118,18 @@ def _write_folder(folder, model, variant, repo_id, max_shard_size):
         raise ConversionError(f"cannot write the model folder: {first_line(error)}") from None
 
 
-def convert(variant, checkpoint, output_dir, *, repo_id=None, overwrite=False, force=False, max_shard_size="2GB",
-            verify=False):
-    """Original checkpoint -> complete model folder at ``output_dir``; returns its path.
+def convert(variant, checkpoint, output_dir, *, config=None, repo_id=None, overwrite=False, force=False,
+            max_shard_size="2GB", verify=False):
+    """Original checkpoint -> complete model folder at ``output_dir``; returns its path. ``config``: the variant's,
+    if already built (default: ``build_config(variant)``).
 
     The folder appears whole or not at all; an existing one is replaced only as ``check_output_dir`` allows,
     and stays in place until the new one is complete (and verified, with ``verify``).
     """
     start = time.monotonic()
-    check_output_dir(output_dir, overwrite, force, checkpoint)
-    config = build_config(variant)
+    config = config if config is not None else build_config(variant)
     with output_lock(output_dir) as target:
-        check_output_dir(target, overwrite, force, checkpoint)  # again, now that no other converter writes it
+        check_output_dir(target, overwrite, force, checkpoint)  # now that no other converter writes it
         model = build_model(config, read_checkpoint(checkpoint), variant.name)
         with staged_folder(target, replace=overwrite or force) as folder:
             progress(f"writing {folder.name}: config, weights (safetensors shards up to {max_shard_size}), code, card")

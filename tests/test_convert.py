@@ -28,7 +28,8 @@ from mambavision_tools import conversion, model_code, publishing, variants
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, TINY_ARCHITECTURE, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
-from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, parameter_count
+from mambavision_tools.configs import (CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, parameter_count,
+                                      read_config_file)
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
@@ -676,6 +677,18 @@ def test_refuses_invalid_config_values(field, value, fragment, tiny, capsys):
     tiny["config"].write_text(json.dumps({**LAYER_SCALED, "num_classes": 5, field: value}))
     tiny["checkpoint"].unlink()  # refused before any checkpoint is read
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], fragment, str(tiny["config"]))
+
+
+@pytest.mark.parametrize("num_classes, first_label", [(1000, ImageNetInfo("imagenet-1k").label_descriptions()[0]),
+                                                      (5, "LABEL_0")])
+def test_config_file_gives_the_config_of_its_variant(num_classes, first_label, tmp_path):
+    """--config converts with the config read with the file; the variant builds the same one (a 1000-class head
+    without names gets ImageNet-1k's)."""
+    path = tmp_path / "architecture.json"
+    path.write_text(json.dumps({**LAYER_SCALED, "num_classes": num_classes, "crop_pct": 0.9}))
+    variant, config = read_config_file(path, "custom")
+    assert config.to_dict() == build_config(variant).to_dict()
+    assert config.num_labels == num_classes and config.id2label[0] == first_label and config.crop_pct == 0.9
 
 
 def test_every_config_field_has_a_rule():
