@@ -11,8 +11,6 @@ point (``AutoBackbone.from_pretrained`` on a local folder from 5.1), the fallbac
 """
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import sys
 import tempfile
 import warnings
@@ -24,21 +22,6 @@ from PIL import Image
 
 IMAGE_SIZES = [(40, 30), (23, 57), (64, 64)]  # (width, height)
 OUT_INDICES = [0, 2, 4]
-
-
-class _MissingTriton(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import triton`` raises ModuleNotFoundError, as where it is not installed."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "triton":
-            return importlib.machinery.ModuleSpec(name, self)
-        return None
-
-    def create_module(self, spec):
-        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
-
-    def exec_module(self, module):  # never reached
-        raise ModuleNotFoundError(f"No module named {module.__name__!r}")
 
 
 def sample_images(sizes=IMAGE_SIZES):
@@ -172,8 +155,8 @@ def main(argv=None):
     parser.add_argument("--deprecations-are-errors", action="store_true",
                         help="DeprecationWarning and FutureWarning raise (for the newest transformers)")
     args = parser.parse_args(argv)
-    if args.hide_triton:
-        sys.meta_path.insert(0, _MissingTriton())
+    if args.hide_triton:  # importlib.util.find_spec("triton") is None and `import triton` raises ModuleNotFoundError
+        sys.modules["triton"] = None
     if args.deprecations_are_errors:
         warnings.simplefilter("error", DeprecationWarning)
         warnings.simplefilter("error", FutureWarning)
