@@ -166,28 +166,72 @@ def test_requirements_keep_the_installed_torch():
     assert "torch>=" in requirements and "torch==" not in requirements
 
 
-NEWER_TORCH_APIS = {  # attribute chains the model files must import with a fallback (oldest supported: torch 2.1)
+NEWER_TORCH_APIS = {  # what the model files must import with a fallback (oldest supported: torch 2.1)
     "torch.compiler.is_compiling": "2.3", "torch.library.custom_op": "2.4", "torch.library.register_fake": "2.4",
     "torch.library.triton_op": "2.6", "torch.library.wrap_triton": "2.6", "torch.nn.attention": "2.2",
     "torch.compiler.set_stance": "2.6",
 }
+IMPORT_ERROR_HANDLERS = {"ImportError", "Exception", "BaseException"}  # a missing name raises ImportError itself
 
 
-def test_model_files_call_no_torch_api_newer_than_2_1():
+def catches_import_error(handler):
+    """Whether an ``except`` clause catches ImportError: bare, or naming it or one of its bases."""
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(t is None or (isinstance(t, ast.Name) and t.id in IMPORT_ERROR_HANDLERS) for t in types)
+
+
+def newer_torch_apis(source):
+    """(line, name) for each use of a ``NEWER_TORCH_APIS`` name in ``source``: an attribute chain
+    (``torch.library.custom_op``) anywhere; an import (``from torch.library import custom_op``, ``import
+    torch.nn.attention``) unless in the body of a ``try`` whose handler catches ImportError."""
+    tree = ast.parse(source)
+    guarded = {id(inner) for node in ast.walk(tree)
+               if isinstance(node, ast.Try) and any(map(catches_import_error, node.handlers))
+               for statement in node.body for inner in ast.walk(statement)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):  # inner chains are walked too: match the whole one only
+                chain.insert(0, inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and ".".join([inner.id, *chain]) in NEWER_TORCH_APIS:
+                found.append((node.lineno, ".".join([inner.id, *chain])))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
+            if isinstance(node, ast.ImportFrom) and (node.level or not node.module):
+                continue  # relative: this repository's own files
+            prefix = f"{node.module}." if isinstance(node, ast.ImportFrom) else ""
+            for alias in node.names:
+                parts = (prefix + alias.name).split(".")  # torch.nn.attention.sdpa_kernel is torch.nn.attention's
+                names = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+                listed = next((name for name in names if name in NEWER_TORCH_APIS), None)
+                if listed:
+                    found.append((node.lineno, listed))
+    return found
+
+
+@pytest.mark.parametrize("source, found", [
+    ("from torch.library import custom_op\n", [(1, "torch.library.custom_op")]),
+    ("from torch.nn.attention import SDPBackend, sdpa_kernel\n", [(1, "torch.nn.attention")] * 2),
+    ("import torch.nn.attention\n", [(1, "torch.nn.attention")]),
+    ("import torch\nop = torch.library.custom_op\n", [(2, "torch.library.custom_op")]),
+    ("try:\n    from torch.library import custom_op\nexcept ImportError:\n    custom_op = None\n", []),
+    ("try:\n    from torch.library import custom_op\nexcept (AttributeError, Exception):\n    pass\n", []),
+    ("try:\n    from torch.library import custom_op\nexcept AttributeError:\n    pass\n", [(2, "torch.library.custom_op")]),
+    ("try:\n    from torch.library import custom_op\nexcept ModuleNotFoundError:\n    pass\n",
+     [(2, "torch.library.custom_op")]),
+    ("try:\n    pass\nexcept ImportError:\n    from torch.library import custom_op\n", [(4, "torch.library.custom_op")]),
+    ("from torch.library import Library\nfrom .selective_scan import selective_scan\n", []),
+])
+def test_newer_torch_api_finder(source, found):
+    assert newer_torch_apis(source) == found
+
+
+def test_model_files_use_no_torch_api_newer_than_2_1():
     """What torch 2.1 lacks is imported with a fallback (``is_compiling``) or kept in the Triton files, which
     refuse to import on such a torch (the scan falls back); found by name, the rest by tests run on torch 2.1."""
     for name in modeling.HUB_FILES:
-        if name.endswith("_triton.py"):
-            continue
-        tree = ast.parse((ROOT / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute):
-                chain, inner = [node.attr], node.value
-                while isinstance(inner, ast.Attribute):
-                    chain.insert(0, inner.attr)
-                    inner = inner.value
-                if isinstance(inner, ast.Name):
-                    dotted = ".".join([inner.id, *chain])
-                    assert dotted not in NEWER_TORCH_APIS, (
-                        f"{name}:{node.lineno} uses {dotted} (torch {NEWER_TORCH_APIS[dotted]}); import it with a "
-                        "fallback as modeling_mambavision.py does with is_compiling")
+        if not name.endswith("_triton.py"):
+            uses = [f"{name}:{line} uses {api} (torch {NEWER_TORCH_APIS[api]})"
+                    for line, api in newer_torch_apis((ROOT / name).read_text())]
+            assert not uses, f"{uses}: import it in a try/except ImportError with a fallback, as is_compiling is"
