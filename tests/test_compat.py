@@ -8,6 +8,7 @@ timm's own transform and the model that wrote the folder. scripts/install.sh ins
 """
 
 import ast
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import compat_worker
 from conftest import ROOT, modeling, randomize_batchnorm, timm_transform, tiny_config
@@ -122,20 +124,51 @@ def assert_same(got, want, where):
 
 
 def test_main_environment_matches_timm_and_the_saved_model(folder, main):
-    """The reference row is right: timm's eval transform, the model that wrote the folder, the pipelines."""
+    """The reference row is right: every result it computed equals what timm's eval transform and the model that
+    wrote the folder compute here, in this process (no Auto class, pipeline or image processor involved)."""
     _, model = folder
     config = model.config
     transform = timm_transform(config)
     images = compat_worker.sample_images()
-    expected_pixels = torch.stack([transform(image.convert("RGB")) for image in images])
-    torch.testing.assert_close(main["pixel_values"], expected_pixels, **TOLERANCE)
+    picture = images[0]
+    pixels = torch.stack([transform(image.convert("RGB")) for image in images])
+    labels = torch.arange(len(pixels)) % config.num_labels  # the worker's
     with torch.no_grad():
-        expected = model(expected_pixels, output_hidden_states=True)
-    torch.testing.assert_close(main["classifier"][1], expected.logits, **TOLERANCE)  # [loss, logits, maps...]
-    grey_top, sixteen_bit_top = main["classification"][1], main["classification"][2]
-    assert sixteen_bit_top == grey_top  # a 16-bit image is its 8-bit picture, not a white one
-    assert main["pipelines"] == ["MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"]
-    assert "selective_scan_triton.py" in main["local_code_files"] and "selective_scan_triton.py" in main["hub_code_files"]
+        classified = model(pixels, labels=labels, output_hidden_states=True)
+        maps = classified.hidden_states  # the stem's output, then the four stage maps
+        pooled = model.model.pool(maps[-1])
+        grey_logits = model(transform(picture.convert("L").convert("RGB"))[None]).logits
+    trainable = copy.deepcopy(model).train()  # a copy: a training step updates the BatchNorm statistics
+    loss = trainable(pixels, labels=labels).loss  # without the worker's activation checkpointing: same values
+    loss.backward()
+    model_files = sorted(set(modeling.HUB_FILES) - {"image_processing_mambavision.py"})  # the classifier's module
+
+    def top3(logits):
+        top = logits.softmax(-1).topk(3)
+        return [{"label": config.id2label[i], "score": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    expected = {
+        "versions": {"transformers": transformers.__version__, "torch": str(torch.__version__)},
+        "config": {"class": "MambaVisionConfig", "depths": config.depths, "dim": config.dim, "id2label": config.id2label},
+        "pixel_values": pixels,
+        "modes": {kind: transform(rgb)[None] for kind, (_, rgb) in compat_worker.image_inputs(picture).items()},
+        "classifier": compat_worker.flat(classified),  # loss, logits, hidden states
+        "model": [pooled, *maps[1:]],
+        "backbone_channels": [maps[index].shape[1] for index in compat_worker.OUT_INDICES],
+        "backbone": [maps[index] for index in compat_worker.OUT_INDICES],
+        # the picture, its grey version, and that as a 16-bit image: its 8-bit picture, not a white one
+        "classification": [top3(classified.logits[0]), top3(grey_logits[0]), top3(grey_logits[0])],
+        "features": pooled[:1].double(),  # the pipeline's floats, as a tensor
+        "pipelines": ["MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"],
+        "train_loss": loss.detach(),
+        "grads": [parameter.grad for _, parameter in sorted(trainable.named_parameters())],
+        "hub_logits": classified.logits,
+        "hub_code_files": model_files,
+        "local_code_files": model_files,
+    }
+    assert set(main) == {*expected, "backbone_loader"}, "a result without its reference here"  # loader: a fact
+    for key, value in expected.items():
+        assert_same(main[key], value, f"main environment: {key}")
 
 
 @pytest.mark.parametrize("version", VERSIONS)
