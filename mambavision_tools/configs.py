@@ -1,8 +1,8 @@
 """Configs of the models to convert: the variants' table entries and custom ``--config`` files, validated up front.
 
-Every field is checked for type, length and range, and the model's parameter count is computed from the
-fields, before anything is built or read: a typo or an absurd size is one clear error, not a traceback minutes
-later or a model too large to hold.
+Every field is checked for type, length and range, and the parameters of the model are counted on the meta
+device (shapes only), before any checkpoint is read: a typo or an absurd size is one clear error, not a
+traceback minutes later or a model too large to hold.
 """
 
 import difflib
@@ -12,11 +12,14 @@ import math
 import reprlib
 from pathlib import Path
 
+import torch
+
 from . import model_code, variants
 from .report import ConversionError, first_line, listing
 
 configuration = model_code.load("configuration_mambavision")
 MambaVisionConfig = configuration.MambaVisionConfig
+modeling = model_code.load("modeling_mambavision")
 
 # Original constructor arguments -> config fields (same names except the class count).
 ARGUMENT_RENAMES = {"num_classes": "num_labels"}
@@ -133,34 +136,6 @@ def validate_fields(fields, where):
         raise ConversionError(f"invalid label2id in {where}: it is not the inverse of id2label")
 
 
-def parameter_count(config):
-    """The parameters of ``MambaVisionModelForImageClassification(config)``, counted from the config alone
-    (the model's layers, written out; a test holds it to the real model)."""
-    count = 9 * config.num_channels * config.in_dim + 9 * config.in_dim * config.dim  # stem: two 3x3 convs
-    count += 2 * (config.in_dim + config.dim)  # and their BatchNorms
-    for level, (depth, width) in enumerate(zip(config.depths, config.hidden_sizes)):
-        if level < 2:  # conv blocks: two 3x3 convs with bias, two BatchNorms, optional layer scale
-            block = 2 * (9 * width * width + width) + 4 * width + (width if config.layer_scale_conv is not None else 0)
-            count += depth * block
-        else:  # two LayerNorms, the MLP, optional layer scales; then a mixer or attention
-            hidden = int(width * config.mlp_ratio)
-            common = 4 * width + 2 * width * hidden + hidden + width + (2 * width if config.layer_scale is not None else 0)
-            inner, rank = config.expand * width, math.ceil(width / 16)
-            half = inner // 2
-            mixer = (2 * width * inner + half * (rank + 2 * config.d_state) + rank * half + half  # projections
-                     + half * config.d_state + half + 2 * half * config.d_conv)  # A_log, D, depthwise convs
-            attention = 4 * width * width + 4 * width  # qkv and output projections with bias
-            attention_blocks = depth // 2  # the last half of the level (the middle block of an odd level mixes)
-            count += attention_blocks * (common + attention) + (depth - attention_blocks) * (common + mixer)
-        if level < configuration.NUM_LEVELS - 1:
-            count += 9 * width * 2 * width  # downsample: a 3x3 stride-2 conv without bias
-    features = config.hidden_sizes[-1]
-    count += 2 * features  # final BatchNorm
-    if config.num_labels > 0:
-        count += features * config.num_labels + config.num_labels
-    return count
-
-
 def _config(fields, where):
     """Validate ``fields`` and the parameter count of the model they describe; the config."""
     validate_fields(fields, where)
@@ -168,10 +143,16 @@ def _config(fields, where):
         config = MambaVisionConfig(**fields)
     except (TypeError, ValueError) as error:
         raise ConversionError(f"invalid configuration in {where}: {first_line(error)}") from None
-    count = parameter_count(config)
+    too_large = f"more than the converter's bound of {MAX_PARAMETERS:,} parameters (MambaVision-L3 has 740 million)"
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            count = modeling.MambaVisionModelForImageClassification(config).num_parameters()
+    except RuntimeError as error:  # a tensor whose element count overflows int64
+        if "overflow" not in str(error).lower():
+            raise
+        raise ConversionError(f"{where} describes a model too large to build ({first_line(error)}), {too_large}") from None
     if count > MAX_PARAMETERS:
-        raise ConversionError(f"{where} describes a model of {count:,} parameters, more than the converter's bound "
-                              f"of {MAX_PARAMETERS:,} (MambaVision-L3 has 740 million)")
+        raise ConversionError(f"{where} describes a model of {count:,} parameters, {too_large}")
     return config
 
 

@@ -46,7 +46,7 @@ def render_model_card(variant, model, repo_id):
         card_data, template_path=str(CARD_TEMPLATE), name=variant.name, description=variant.description,
         repo_id=repo_id, checkpoint=variant.checkpoint,
         checkpoint_url=variant.checkpoint_url if variant.checkpoint else None,
-        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_parameters=model.num_parameters(),
         hidden_sizes=config.hidden_sizes, depths=config.depths, window_size=config.window_size,
         num_labels=config.num_labels, stage_shapes=_stage_shapes(config), results=results,
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
