@@ -5,6 +5,8 @@ Field names follow NVIDIA's published ``config.json`` files (``depths``, ``num_h
 files load unchanged. Defaults describe MambaVision-T.
 """
 
+import math
+
 from timm.data import ImageNetInfo
 from transformers import PretrainedConfig
 
@@ -35,6 +37,7 @@ CUSTOM_PIPELINES = {
 }
 
 CROP_MODES = ("center", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # those timm's eval transform applies to images of any type
 NUM_LEVELS = 4
 STAGE_NAMES = ["stem"] + [f"stage{i}" for i in range(1, NUM_LEVELS + 1)]
 
@@ -55,7 +58,9 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         d_state, d_conv, expand: selective-scan state size, depthwise conv width and expansion.
         scan_backend: ``"auto"`` or one of ``"torch"``, ``"triton"``, ``"mamba_ssm"``; the environment
             variable ``MAMBAVISION_SCAN_BACKEND`` overrides it.
-        image_size, mean, std, crop_pct, crop_mode, interpolation: the pretrained eval preprocessing.
+        image_size, mean, std, crop_pct, crop_mode, interpolation: the pretrained eval preprocessing (``mean`` and
+            ``std``: one number per input channel; ``crop_pct`` in (0, 1]; ``interpolation``: one of
+            ``INTERPOLATIONS``).
         out_features, out_indices: the maps ``MambaVisionBackbone`` returns, by name in ``stage_names``
             (``"stem"``, ``"stage1"`` ... ``"stage4"``) or by index; default: the last stage.
     """
@@ -148,34 +153,58 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"MambaVisionConfig: {error}") from None
 
     def _validate(self):
+        """Refuse what no model or processor can be built from, in one line naming the field (``ValueError``)."""
         for name in ("depths", "num_heads", "window_size"):
             value = getattr(self, name)
             if len(value) != NUM_LEVELS:
                 raise ValueError(f"MambaVisionConfig: `{name}` needs {NUM_LEVELS} entries, got {len(value)}: {value}")
         if any(not isinstance(d, int) or d < 0 for d in self.depths):
             raise ValueError(f"MambaVisionConfig: `depths` must be non-negative integers, got {self.depths}")
-        for name in ("dim", "in_dim", "num_channels", "d_state", "d_conv", "expand"):
+        for name in ("dim", "in_dim", "num_channels", "d_state", "d_conv", "expand", "image_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"MambaVisionConfig: `{name}` must be a positive integer, got {value!r}")
         if self.dim % 2:
             raise ValueError(f"MambaVisionConfig: `dim` must be even (the mixer splits channels in halves), got {self.dim}")
+        for level, window in enumerate(self.window_size):
+            if not _is_int(window) or window <= 0:
+                raise ValueError(f"MambaVisionConfig: window_size[{level}] must be a positive integer, got {window!r}")
         for level in (2, 3):
-            width, heads, window = self.dim * 2**level, self.num_heads[level], self.window_size[level]
-            if not isinstance(heads, int) or heads <= 0 or width % heads:
+            width, heads = self.dim * 2**level, self.num_heads[level]
+            if not _is_int(heads) or heads <= 0 or width % heads:
                 raise ValueError(
                     f"MambaVisionConfig: num_heads[{level}]={heads!r} must be a positive divisor of the level width {width}"
                 )
-            if not isinstance(window, int) or window <= 0:
-                raise ValueError(f"MambaVisionConfig: window_size[{level}] must be a positive integer, got {window!r}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"MambaVisionConfig: `mlp_ratio` must be positive, got {self.mlp_ratio}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"MambaVisionConfig: `drop_path_rate` must be in [0, 1), got {self.drop_path_rate}")
+        if not _is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"MambaVisionConfig: `mlp_ratio` must be a positive number, got {self.mlp_ratio!r}")
+        if not _is_number(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"MambaVisionConfig: `drop_path_rate` must be in [0, 1), got {self.drop_path_rate!r}")
         for name in ("layer_scale", "layer_scale_conv"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"MambaVisionConfig: `{name}` must be a number or None, got {value!r}")
+            if value is not None and not _is_number(value):
+                raise ValueError(f"MambaVisionConfig: `{name}` must be a finite number or None, got {value!r}")
         check_backend_name(self.scan_backend, "MambaVisionConfig: `scan_backend`")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.num_channels or not all(_is_number(v) for v in values):
+                raise ValueError(f"MambaVisionConfig: `{name}` needs one finite number per input channel "
+                                 f"(num_channels={self.num_channels}), got {values}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"MambaVisionConfig: `std` must be positive, got {self.std}")
+        if not _is_number(self.crop_pct) or not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"MambaVisionConfig: `crop_pct` must be in (0, 1], got {self.crop_pct!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"MambaVisionConfig: `crop_mode` must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"MambaVisionConfig: `interpolation` must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

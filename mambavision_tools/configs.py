@@ -1,14 +1,14 @@
 """Configs of the models to convert: the variants' table entries and custom ``--config`` files, validated up front.
 
-Every field is checked for type, length and range, and the parameters of the model are counted on the meta
-device (shapes only), before any checkpoint is read: a typo or an absurd size is one clear error, not a
-traceback minutes later or a model too large to hold.
+``MambaVisionConfig`` refuses what no model can be built from; this module adds what a conversion must refuse
+besides: class names that are not the classes 0 to N-1, and sizes past the converter's bounds (checked before
+the model is built on the meta device and its parameters counted). A typo or an absurd size is one clear error
+before any checkpoint is read, not a traceback minutes later or a model too large to hold.
 """
 
 import difflib
 import inspect
 import json
-import math
 import reprlib
 from pathlib import Path
 
@@ -17,8 +17,7 @@ import torch
 from . import model_code, variants
 from .report import ConversionError, first_line, listing
 
-configuration = model_code.load("configuration_mambavision")
-MambaVisionConfig = configuration.MambaVisionConfig
+MambaVisionConfig = model_code.load("configuration_mambavision").MambaVisionConfig
 modeling = model_code.load("modeling_mambavision")
 
 # Original constructor arguments -> config fields (same names except the class count).
@@ -31,12 +30,13 @@ PREPROCESSING_FIELDS = ("image_size", "crop_pct", "crop_mode", "interpolation", 
 CONFIG_FIELDS = set(inspect.signature(MambaVisionConfig.__init__).parameters) - {"self", "kwargs"}
 CONFIG_FIELDS |= {"num_labels", "id2label", "label2id"}
 
-# Bounds, generous around NVIDIA's largest (20 blocks in a level, windows of 32, 512 pixels, 740M parameters).
+# The converter's bounds, generous around NVIDIA's largest (20 blocks in a level, windows of 32, 512 pixels, 740M
+# parameters) and ImageNet-21k's 21,841 classes.
 MAX_BLOCKS_PER_LEVEL = 64
 MAX_WINDOW = 128
 MAX_IMAGE_SIZE = 4096
 MAX_PARAMETERS = 2 * 10**9
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # those timm's eval transform applies to images of any type
+MAX_LABELS = 10**6
 
 
 def config_from_architecture(architecture, **extra):
@@ -48,104 +48,52 @@ def config_from_architecture(architecture, **extra):
                              **extra)
 
 
-# --- field rules: (check, what a valid value is) ---------------------------------------------------------------
-
-
-def _is_int(value, low=None, high=None):
-    return (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
-            and (high is None or value <= high))
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(low, high=None):
-    return (lambda v: _is_int(v, low, high)), f"an integer {f'from {low} to {high}' if high else f'>= {low}'}"
-
-
-def _integers(low, high):
-    return ((lambda v: isinstance(v, (list, tuple)) and len(v) == configuration.NUM_LEVELS
-             and all(_is_int(x, low, high) for x in v)),
-            f"a list of {configuration.NUM_LEVELS} integers from {low} to {high}")
-
-
-def _numbers(positive):
-    return ((lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) and (x > 0 or not positive) for x in v)),
-            f"a list of {'positive ' if positive else ''}numbers, one per channel")
-
-
-FIELD_RULES = {
-    "depths": _integers(0, MAX_BLOCKS_PER_LEVEL),
-    "num_heads": ((lambda v: isinstance(v, (list, tuple)) and len(v) == configuration.NUM_LEVELS
-                   and all(h is None or _is_int(h, 1) for h in v)),
-                  f"a list of {configuration.NUM_LEVELS} positive integers (null for the convolutional levels 0-1)"),
-    "window_size": _integers(1, MAX_WINDOW),
-    "dim": _integer(2),
-    "in_dim": _integer(1),
-    "mlp_ratio": ((lambda v: _is_number(v) and 0 < v <= 64), "a number in (0, 64]"),
-    "drop_path_rate": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
-    "layer_scale": ((lambda v: v is None or _is_number(v)), "a number or null"),
-    "layer_scale_conv": ((lambda v: v is None or _is_number(v)), "a number or null"),
-    "num_channels": _integer(1, 16),
-    "d_state": _integer(1, 256),
-    "d_conv": _integer(1, 31),
-    "expand": _integer(1, 16),
-    "scan_backend": ((lambda v: isinstance(v, str)), "a string"),
-    "image_size": _integer(1, MAX_IMAGE_SIZE),
-    "crop_pct": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
-    "crop_mode": ((lambda v: isinstance(v, str)), "a string"),
-    "interpolation": ((lambda v: v in INTERPOLATIONS), f"one of {', '.join(INTERPOLATIONS)}"),
-    "mean": _numbers(positive=False),
-    "std": _numbers(positive=True),
-    "out_features": ((lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
-                     "a list of stage names"),
-    "out_indices": ((lambda v: v is None or isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
-                    "a list of stage indices"),
-    "num_labels": _integer(0, 10**6),
-    "id2label": ((lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
-                  and sorted(_label_index(k) for k in v) == list(range(len(v)))),
-                 "an object mapping the class indices 0 to N-1 to names"),
-    "label2id": ((lambda v: isinstance(v, dict) and all(_is_int(x, 0) for x in v.values())),
-                 "an object mapping class names to indices"),
-}
+def _non_negative_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _label_index(key):
     """A class index from an ``id2label`` key (an integer, or its decimal string in JSON); -1 if neither."""
-    if _is_int(key):
+    if _non_negative_int(key):
         return key
     return int(key) if isinstance(key, str) and key.isdecimal() else -1
 
 
-def validate_fields(fields, where):
-    """Refuse any field of the wrong type, length or range, naming it and ``where`` it comes from."""
-    for name, value in fields.items():
-        check, valid = FIELD_RULES.get(name, (lambda v: True, ""))
-        if not check(value):
-            raise ConversionError(f"invalid {name} in {where}: {reprlib.repr(value)} is not {valid}")
-    channels = fields.get("num_channels", 3)
-    for name in ("mean", "std"):
-        if name in fields and len(fields[name]) != channels:
-            raise ConversionError(f"invalid {name} in {where}: {len(fields[name])} entries for {channels} channels")
-    labels = fields.get("id2label")
-    if labels is not None and fields.get("num_labels", len(labels)) != len(labels):
-        raise ConversionError(f"invalid num_labels in {where}: {fields['num_labels']} but id2label names "
-                              f"{len(labels)} classes")
-    if labels is not None and "label2id" in fields and fields["label2id"] != {v: _label_index(k) for k, v in labels.items()}:
-        raise ConversionError(f"invalid label2id in {where}: it is not the inverse of id2label")
+def check_labels(fields, where):
+    """Refuse class fields that the config would take but that do not name the classes 0 to N-1 consistently."""
+    num_labels, id2label, label2id = (fields.get(name) for name in ("num_labels", "id2label", "label2id"))
+    if num_labels is not None and not (_non_negative_int(num_labels) and num_labels <= MAX_LABELS):
+        raise ConversionError(f"invalid num_labels in {where}: {reprlib.repr(num_labels)} is not an integer from 0 "
+                              f"to {MAX_LABELS:,}")
+    if id2label is not None:
+        if not (isinstance(id2label, dict) and len(id2label) <= MAX_LABELS
+                and all(isinstance(name, str) for name in id2label.values())
+                and sorted(_label_index(key) for key in id2label) == list(range(len(id2label)))):
+            raise ConversionError(f"invalid id2label in {where}: {reprlib.repr(id2label)} is not an object mapping "
+                                  "the class indices 0 to N-1 to names")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ConversionError(f"invalid num_labels in {where}: {num_labels} but id2label names {len(id2label)} "
+                                  "classes")
+    if label2id is not None:
+        if not (isinstance(label2id, dict) and all(_non_negative_int(index) for index in label2id.values())):
+            raise ConversionError(f"invalid label2id in {where}: {reprlib.repr(label2id)} is not an object mapping "
+                                  "class names to indices")
+        if id2label is not None and label2id != {name: _label_index(key) for key, name in id2label.items()}:
+            raise ConversionError(f"invalid label2id in {where}: it is not the inverse of id2label")
 
 
-def _config(fields, where):
-    """Validate ``fields`` and the parameter count of the model they describe; the config."""
-    validate_fields(fields, where)
-    try:
-        config = MambaVisionConfig(**fields)
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"invalid configuration in {where}: {first_line(error)}") from None
+def check_bounds(config, where):
+    """Refuse a valid config past the converter's bounds: the blocks before the model is built, then its
+    parameters, counted on the meta device (shapes only, no memory)."""
+    for name, values, bound in (("depths", config.depths, MAX_BLOCKS_PER_LEVEL),
+                                ("window_size", config.window_size, MAX_WINDOW),
+                                ("image_size", [config.image_size], MAX_IMAGE_SIZE)):
+        if max(values) > bound:
+            raise ConversionError(f"invalid {name} in {where}: {reprlib.repr(getattr(config, name))} exceeds the "
+                                  f"converter's bound of {bound:,}")
     too_large = f"more than the converter's bound of {MAX_PARAMETERS:,} parameters (MambaVision-L3 has 740 million)"
     try:
-        with torch.device("meta"):  # shapes only, no memory
+        with torch.device("meta"):
             count = modeling.MambaVisionModelForImageClassification(config).num_parameters()
     except RuntimeError as error:  # a tensor whose element count overflows int64
         if "overflow" not in str(error).lower():
@@ -153,6 +101,17 @@ def _config(fields, where):
         raise ConversionError(f"{where} describes a model too large to build ({first_line(error)}), {too_large}") from None
     if count > MAX_PARAMETERS:
         raise ConversionError(f"{where} describes a model of {count:,} parameters, {too_large}")
+
+
+def _config(fields, where):
+    """The config of ``fields``, after every check: the config's own (``ValueError``s become one error line), the
+    class names and the converter's bounds."""
+    check_labels(fields, where)
+    try:
+        config = MambaVisionConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"invalid configuration in {where}: {first_line(error)}") from None
+    check_bounds(config, where)
     return config
 
 

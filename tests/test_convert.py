@@ -28,7 +28,7 @@ from mambavision_tools import conversion, model_code, publishing, variants
 from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, TINY_ARCHITECTURE, assert_close_relative, modeling,
                       needs_reference, needs_shared, tiny_config)
 from convert_checkpoint import main
-from mambavision_tools.configs import CONFIG_FIELDS, FIELD_RULES, MAX_PARAMETERS, build_config, read_config_file
+from mambavision_tools.configs import MAX_PARAMETERS, build_config, read_config_file
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS, Variant
 
@@ -659,24 +659,69 @@ def test_a_write_the_system_refuses_is_one_line(tiny):
 # --- config validation ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("dim", 10**5, f"parameters, more than the converter's bound of {MAX_PARAMETERS:,} parameters"),
-    ("dim", 10**9, "describes a model too large to build (Storage size"),  # beyond int64
-    ("depths", [1, 1, 10**7, 2], "invalid depths"),
-    ("mean", [0.5, 0.5], "invalid mean"),
-    ("std", [0, 0.2, 0.2], "invalid std"),
-    ("interpolation", "cubic", "invalid interpolation"),
-    ("mlp_ratio", "4", "invalid mlp_ratio"),
-    ("crop_pct", -0.5, "invalid crop_pct"),
-    ("image_size", 10**9, "invalid image_size"),
-    ("window_size", [4, 4, 0, 2], "invalid window_size"),
-    ("num_heads", [1, 1, 3, 4], "num_heads[2]=3"),  # the config's own check: heads divide the width
-    ("id2label", {"0": "a", "2": "b"}, "invalid id2label"),
-])
-def test_refuses_invalid_config_values(field, value, fragment, tiny, capsys):
-    tiny["config"].write_text(json.dumps({**LAYER_SCALED, "num_classes": 5, field: value}))
+BOUND = f"more than the converter's bound of {MAX_PARAMETERS:,} parameters"
+# Every refusal of a --config file: the config's own checks (as from_pretrained makes them), then the converter's
+# class-name checks and bounds; each is one line naming the file.
+INVALID_CONFIGS = {
+    "depths length": (dict(depths=[1, 1, 3]), "`depths` needs 4 entries"),
+    "depths negative": (dict(depths=[1, -1, 3, 2]), "`depths` must be non-negative integers"),
+    "depths not a list": (dict(depths=4), "invalid configuration in"),  # a TypeError in the config
+    "dim zero": (dict(dim=0), "`dim` must be a positive integer"),
+    "dim odd": (dict(dim=9), "`dim` must be even"),
+    "d_conv string": (dict(d_conv="3"), "`d_conv` must be a positive integer"),
+    "image_size zero": (dict(image_size=0), "`image_size` must be a positive integer"),
+    "window zero": (dict(window_size=[4, 4, 0, 2]), "window_size[2] must be a positive integer"),
+    "window of a conv level": (dict(window_size=[None, 4, 4, 2]), "window_size[0] must be a positive integer"),
+    "heads": (dict(num_heads=[1, 1, 3, 4]), "num_heads[2]=3 must be a positive divisor"),
+    "mlp_ratio string": (dict(mlp_ratio="4"), "`mlp_ratio` must be a positive number"),
+    "drop_path_rate": (dict(drop_path_rate=1.0), "`drop_path_rate` must be in [0, 1)"),
+    "layer_scale NaN": (dict(layer_scale=math.nan), "`layer_scale` must be a finite number or None"),
+    "layer_scale_conv infinite": (dict(layer_scale_conv=math.inf), "`layer_scale_conv` must be a finite number"),
+    "scan_backend": (dict(scan_backend="cuda"), "unknown scan backend 'cuda'"),
+    "mean length": (dict(mean=[0.5, 0.5]), "`mean` needs one finite number per input channel (num_channels=3)"),
+    "std NaN": (dict(std=[0.2, math.nan, 0.2]), "`std` needs one finite number per input channel"),
+    "std zero": (dict(std=[0, 0.2, 0.2]), "`std` must be positive"),
+    "crop_pct negative": (dict(crop_pct=-0.5), "`crop_pct` must be in (0, 1]"),
+    "crop_pct above 1": (dict(crop_pct=1.5), "`crop_pct` must be in (0, 1]"),
+    "crop_mode": (dict(crop_mode="zoom"), "`crop_mode` must be one of"),
+    "interpolation": (dict(interpolation="cubic"), "`interpolation` must be one of"),
+    "out_features": (dict(out_features=["stage9"]), "out_features must be a subset of stage_names"),
+    "num_classes": (dict(num_classes=10**9), "invalid num_labels"),
+    "id2label gap": (dict(id2label={"0": "a", "2": "b"}, num_classes=2), "invalid id2label"),
+    "id2label count": (dict(id2label={"0": "a", "1": "b"}), "invalid num_labels in"),  # num_classes is 5
+    "label2id": (dict(id2label={"0": "a", "1": "b"}, label2id={"a": 1, "b": 0}, num_classes=2),
+                 "not the inverse of id2label"),
+    "depths bound": (dict(depths=[1, 1, 10**7, 2]), "invalid depths"),
+    "window bound": (dict(window_size=[4, 4, 4, 1000]), "invalid window_size"),
+    "image_size bound": (dict(image_size=10**9), "invalid image_size"),
+    "parameters": (dict(dim=10**5), f"parameters, {BOUND}"),
+    "parameters beyond int64": (dict(dim=10**9), "describes a model too large to build (Storage size"),
+}
+
+
+@pytest.mark.parametrize("fields, fragment", INVALID_CONFIGS.values(), ids=INVALID_CONFIGS)
+def test_refuses_invalid_config_values(fields, fragment, tiny, capsys):
+    tiny["config"].write_text(json.dumps({**LAYER_SCALED, "num_classes": 5, **fields}))
     tiny["checkpoint"].unlink()  # refused before any checkpoint is read
     assert_refused(*run(tiny["argv"](), capsys)[::2], tiny["out"], [], fragment, str(tiny["config"]))
+
+
+def test_loading_a_config_applies_its_checks(tmp_path):
+    """The config's checks run on from_pretrained too: a hand-edited or fine-tuned folder's config.json."""
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    for field, value in (("crop_pct", 1.5), ("std", [0.2, -0.2, 0.2]), ("interpolation", "lanczos"), ("mean", [0.5])):
+        (tmp_path / "config.json").write_text(json.dumps({**fields, field: value}))
+        with pytest.raises(ValueError, match=f"MambaVisionConfig: `{field}`"):
+            type(config).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, *PROJECT_VARIANTS])
+def test_every_table_entry_is_accepted(name):
+    variant = {**VARIANTS, **PROJECT_VARIANTS}[name]
+    config = build_config(variant)
+    assert {field: getattr(config, field) for field in variant.preprocessing} == variant.preprocessing
 
 
 @pytest.mark.parametrize("num_classes, first_label", [(1000, ImageNetInfo("imagenet-1k").label_descriptions()[0]),
@@ -689,10 +734,6 @@ def test_config_file_gives_the_config_of_its_variant(num_classes, first_label, t
     variant, config = read_config_file(path, "custom")
     assert config.to_dict() == build_config(variant).to_dict()
     assert config.num_labels == num_classes and config.id2label[0] == first_label and config.crop_pct == 0.9
-
-
-def test_every_config_field_has_a_rule():
-    assert CONFIG_FIELDS <= set(FIELD_RULES)  # a new MambaVisionConfig argument needs its rule in configs.py
 
 
 # --- the library: the Hub folder's recipe -------------------------------------------------------------------
