@@ -148,11 +148,6 @@ def read_config_file(path, name):
     return variant, config
 
 
-def variant_from_config_file(path, name):
-    """The ``Variant`` of ``read_config_file`` (its config is ``build_config(variant)``)."""
-    return read_config_file(path, name)[0]
-
-
 def get_variant(name):
     """The table entry for a Hub name (NVIDIA's or one trained here), or an error that suggests the closest names."""
     known = {**variants.VARIANTS, **variants.PROJECT_VARIANTS}

@@ -21,7 +21,7 @@ import train_digits
 from conftest import ROOT, modeling
 from convert_checkpoint import main
 from mambavision_tools.checkpoints import convert_state_dict
-from mambavision_tools.configs import build_config, get_variant, variant_from_config_file
+from mambavision_tools.configs import build_config, get_variant, read_config_file
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 VARIANT = PROJECT_VARIANTS[digits.VARIANT]
@@ -46,7 +46,7 @@ def test_shipped_checkpoint_is_a_small_original_checkpoint():
     assert not any(key.startswith(("model.", "module.")) for key in checkpoint["state_dict"])
     assert set(convert_state_dict(checkpoint["state_dict"])) == set(expected)
     # its config file describes the same model through --config
-    from_file = build_config(variant_from_config_file(digits.CONFIG, "x"))
+    _, from_file = read_config_file(digits.CONFIG, "x")
     assert from_file.to_dict() == config.to_dict()
 
 
