@@ -80,15 +80,26 @@ def load_model(args, auto_class, config_fields=None, **load_kwargs):
     return model, processor
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers without its loading report and its progress bar per file read or written, as before
+    afterwards: a model loads in a second or two, and the scripts print one line per result."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def _from_pretrained(auto_class, model, **kwargs):
     """``auto_class.from_pretrained(model)``, with transformers' loading report (a table) replaced by one line: the
     new head, where the classes change, is expected; anything else the report would list is printed."""
-    before = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
+    with quiet_loading():
         loaded, info = auto_class.from_pretrained(model, trust_remote_code=True, output_loading_info=True, **kwargs)
-    finally:
-        transformers_logging.set_verbosity(before)
     mismatched = sorted(key for key, *_ in info.get("mismatched_keys") or ())
     heads = [key for key in mismatched if key.startswith(NEW_HEAD)]
     surprises = {"missing": sorted(info.get("missing_keys") or ()), "unexpected": sorted(info.get("unexpected_keys") or ()),

@@ -43,13 +43,13 @@ def from_nvidia(variant, source=None, model_class="MambaVisionModelForImageClass
         raise ConversionError(f"{source} is not {variant.name}: " + ("; ".join(differing) or
                                                                     f"model_type {published.get('model_type')!r}"))
     model_type = getattr(model_code.load("modeling_mambavision"), model_class)
-    before = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the load report: checked below instead
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the load report (a table): checked below instead
     try:
         model, info = model_type.from_pretrained(source, config=build_config(variant), output_loading_info=True,
                                                  **kwargs)
     finally:
-        transformers_logging.set_verbosity(before)
+        transformers_logging.set_verbosity(verbosity)
     problems = {what: sorted(key for key, *_ in map(_as_tuple, info.get(what) or ()))
                 for what in ("missing_keys", "mismatched_keys")}
     problems = {what: keys for what, keys in problems.items() if keys}
