@@ -107,6 +107,16 @@ def with_hub_ids_replaced(code, folder):
     return HUB_ID.sub(str(folder), code)
 
 
+def run_python(code, where):
+    """Run a python block alone, in a fresh namespace (it sees only what it defines); returns None, or the failure
+    with its traceback."""
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})
+    except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
+        return traceback.format_exc(limit=-3)
+    return None
+
+
 def run(readme=ROOT / "README.md", log=print):
     """Run every block of ``readme``; returns (failures, skipped): lists of (block, message).
 
@@ -140,11 +150,7 @@ def run(readme=ROOT / "README.md", log=print):
             start = time.monotonic()
             code = with_hub_ids_replaced(block.code, folder)
             if block.language == "python":
-                try:
-                    exec(compile(code, where, "exec"), {"__name__": "__main__"})  # only what the block defines
-                    message = None
-                except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
-                    message = traceback.format_exc(limit=-3)
+                message = run_python(code, where)
             else:
                 result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir,
                                         capture_output=True, text=True, timeout=BASH_TIMEOUT)

@@ -32,19 +32,12 @@ def test_marker_parsing():
     assert readme_check.with_hub_ids_replaced('f("nvidia/MambaVision-L3-512-21K")', "/x") == 'f("/x")'
 
 
-def test_a_block_that_uses_a_name_it_does_not_define_fails(tmp_path):
+def test_a_block_that_uses_a_name_it_does_not_define_fails():
     """Each python block runs alone: a name defined only by an earlier block, or never, fails the check."""
-    document = tmp_path / "doc.md"
-    document.write_text("```python\nfrom pathlib import Path\nfolder = Path('converted/MambaVision-T-1K')\n"
-                        "print('config' if (folder / 'config.json').is_file() else 'no folder')\n```\n\n"
-                        "```python\nprint(folder)\n```\n")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_check.py"), str(document)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "config\n" in result.stdout  # the placeholder folder is there for the first block
-    assert re.search(r"^ok +README\.md line 1 ", result.stdout, flags=re.MULTILINE), result.stdout
-    assert re.search(r"^FAIL +README\.md line 7 .*NameError: name 'folder' is not defined", result.stdout,
-                     flags=re.MULTILINE | re.DOTALL), result.stdout
+    assert readme_check.run_python("folder = 'converted'\nprint(folder)\n", "block 1") is None
+    failure = readme_check.run_python("print(folder)\n", "block 2")
+    assert failure and "NameError: name 'folder' is not defined" in failure and "block 2" in failure, failure
+    assert "ZeroDivisionError" in readme_check.run_python("1 / 0\n", "block 3")
 
 
 def test_readme_blocks_run_as_written():
