@@ -211,7 +211,8 @@ def parse_arguments(argv):
     parser.add_argument("--stage-maps", action="store_true", help="also store each level's spatially pooled output")
     parser.add_argument("--shard-size", type=int, default=10000, help="images per shard (default: 10000)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--num-workers", type=int, default=4, help="decoding processes per rank (default: 4)")
+    parser.add_argument("--num-workers", type=int, default=scale_utils.DEFAULT_WORKERS,
+                        help="decoding processes per rank (default: 4, at most the usable cores)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
     parser.add_argument("--fp32", action="store_true", help="float32 on GPU (default there: bf16 autocast)")
     parser.add_argument("--metrics-file", help="write the throughput and peak memory to this JSON file")

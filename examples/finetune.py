@@ -347,7 +347,8 @@ def parse_arguments(argv):
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     parser.add_argument("--fp32", action="store_true", help="float32 on GPU (default there: bf16 autocast)")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process (default: 4)")
+    parser.add_argument("--num-workers", type=int, default=scale_utils.DEFAULT_WORKERS,
+                        help="DataLoader workers per process (default: 4, at most the usable cores)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default 0)")
     parser.add_argument("--timing-warmup", type=int, default=10,

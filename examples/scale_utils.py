@@ -9,18 +9,23 @@ folder, so that benchmarks of the large variants run offline.
 import contextlib
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoImageProcessor
+from transformers.utils import logging as transformers_logging
 
 from mambavision_tools import model_code
 from mambavision_tools.report import first_line
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 GIB = 2**30
+# DataLoader workers: 4, or fewer where the process may use fewer cores (PyTorch warns above that)
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+NEW_HEAD = "model.head."  # the classifier's weights, replaced when the classes change
 
 
 def fail(message):
@@ -68,11 +73,44 @@ def load_model(args, auto_class, config_fields=None, **load_kwargs):
             config = AutoConfig.from_pretrained(args.model, trust_remote_code=True, **config_fields)
             model = auto_class.from_config(config, trust_remote_code=True)
         else:
-            model = auto_class.from_pretrained(args.model, trust_remote_code=True, **config_fields, **load_kwargs)
+            model = _from_pretrained(auto_class, args.model, **config_fields, **load_kwargs)
         processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     except (OSError, ValueError) as error:  # missing folder or repo, no weights, not a MambaVision model
         fail(f"cannot load {args.model}: {first_line(error)}")
     return model, processor
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers without its loading report and its progress bar per file read or written, as before
+    afterwards: a model loads in a second or two, and the scripts print one line per result."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _from_pretrained(auto_class, model, **kwargs):
+    """``auto_class.from_pretrained(model)``, with transformers' loading report (a table) replaced by one line: the
+    new head, where the classes change, is expected; anything else the report would list is printed."""
+    with quiet_loading():
+        loaded, info = auto_class.from_pretrained(model, trust_remote_code=True, output_loading_info=True, **kwargs)
+    mismatched = sorted(key for key, *_ in info.get("mismatched_keys") or ())
+    heads = [key for key in mismatched if key.startswith(NEW_HEAD)]
+    surprises = {"missing": sorted(info.get("missing_keys") or ()), "unexpected": sorted(info.get("unexpected_keys") or ()),
+                 "mismatched": [key for key in mismatched if key not in heads]}
+    if heads:
+        print(f"loaded {model} with a new head for {loaded.config.num_labels} classes (random {', '.join(heads)})")
+    for what, keys in surprises.items():
+        if keys:
+            print(f"warning: loading {model}: {len(keys)} {what} tensor(s): {', '.join(keys[:5])}"
+                  f"{', ...' if len(keys) > 5 else ''}", file=sys.stderr)
+    return loaded
 
 
 def _model_class(auto_class):

@@ -1,6 +1,7 @@
 """Train MambaVision-Digits from scratch with transformers' Trainer, and save it as an original checkpoint.
 
-    .venv/bin/python examples/train_digits.py    # a few minutes on 2 CPU cores; rewrites the files in checkpoints/
+    .venv/bin/python examples/train_digits.py    # a few minutes on 2 CPU cores; writes trained/ (ignored by git)
+    .venv/bin/python examples/train_digits.py --output-dir checkpoints   # replaces the shipped checkpoint
 
 The architecture and preprocessing are the ``MambaVision-Digits`` entry of ``variants.py``; the data is
 scikit-learn's handwritten digits (``digits.py``: the fixed 80/20 split), through the project's image processor,
@@ -30,6 +31,7 @@ from mambavision_tools.configs import build_config
 from mambavision_tools.variants import PROJECT_VARIANTS
 
 STATS_TOLERANCE = 5e-4  # the variant stores the dataset's mean/std to 4 decimals
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "trained"  # not checkpoints/: the shipped files stay
 THREADS = 2  # fixed, so that the machine's core count does not change how sums are split (and rounded)
 
 
@@ -112,8 +114,9 @@ def train(output_dir, epochs, seed=0, max_steps=-1):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=str(digits.CHECKPOINT.parent),
-                        help="where to write the checkpoint and its config (default: checkpoints/)")
+    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT),
+                        help="where to write the checkpoint and its config (default: trained/; "
+                             "--output-dir checkpoints replaces the shipped ones)")
     parser.add_argument("--epochs", type=float, default=20, help="training epochs (default: 20)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (a quick check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")

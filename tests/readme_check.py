@@ -2,15 +2,14 @@
 
     .venv/bin/python tests/readme_check.py [README.md]      # prints each block's outcome; exit 1 if one fails
 
-```python blocks run in one namespace, one after the other (as in a notebook); ```bash blocks run with bash in the
-copy's root, after the install command (the copy uses this checkout's .venv). Blocks in other languages, or none
-(sample output), are text. What the README leaves to the reader is provided:
+```python blocks run each in a fresh namespace: a block defines every name it uses (a name left undefined fails,
+as it would for a reader who copies that block alone). ```bash blocks run with bash in the copy's root, after the
+install command (the copy uses this checkout's .venv). Blocks in other languages, or none (sample output), are text.
+The files the README leaves to the reader are provided, never names:
 
-- Hub model ids (``nvidia/MambaVision-...``) and the names ``repo`` and ``folder``: a tiny converted folder
-  (random weights, ImageNet head).
-- ``image``: a PIL image; ``cat.jpg``: a photo file in the working folder.
-- ``id2label``, ``label2id``, ``train``, ``val``: two classes and tiny datasets of
-  ``{"pixel_values", "labels"}`` examples.
+- ``converted/MambaVision-T-1K`` (convert_checkpoint.py's output) and Hub model ids (``nvidia/MambaVision-...``):
+  a tiny converted folder (random weights, ImageNet head).
+- ``cat.jpg``: a photo file in the working folder.
 - ``pets/train``, ``pets/val``: ImageFolder trees (a folder of images per class); ``photos/``: a folder of images.
 
 A block that cannot run here says why on the line before it, ``<!-- readme-check: skip: REASON -->`` (an
@@ -84,16 +83,15 @@ def fresh_copy(destination):
 
 
 def provide_placeholders(workdir):
-    """Make the files and objects the README leaves to the reader; returns the namespace of the python blocks."""
+    """Make the files the README leaves to the reader; returns the converted folder that stands for every model."""
     from compat_worker import sample_images
-    from conftest import TINY_ARCHITECTURE, configuration, model_code, save_tiny_folder
+    from conftest import TINY_ARCHITECTURE, configuration, save_tiny_folder
 
     config = configuration.MambaVisionConfig(**TINY_ARCHITECTURE, image_size=64)  # ImageNet's 1000 classes
-    folder = save_tiny_folder(workdir / "placeholders" / "MambaVision-tiny", config)
+    folder = save_tiny_folder(workdir / "converted" / "MambaVision-T-1K", config)
 
-    pictures = iter(sample_images([(48, 40)] * (1 + 2 * 2 * 3 + 5 + 4)))  # each one different
-    image = next(pictures)
-    image.save(workdir / "cat.jpg")
+    pictures = iter(sample_images([(48, 40)] * (1 + 2 * 2 * 3 + 5)))  # each one different
+    next(pictures).save(workdir / "cat.jpg")
     for split in ("train", "val"):
         for label in ("cat", "dog"):
             (workdir / "pets" / split / label).mkdir(parents=True)
@@ -102,16 +100,21 @@ def provide_placeholders(workdir):
     (workdir / "photos").mkdir()
     for i in range(5):
         next(pictures).save(workdir / "photos" / f"photo{i}.jpg")
-
-    processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(config)
-    pixels = processor([next(pictures) for _ in range(4)], return_tensors="pt")["pixel_values"]
-    examples = [{"pixel_values": p, "labels": i % 2} for i, p in enumerate(pixels)]
-    return {"__name__": "__main__", "repo": str(folder), "folder": str(folder), "image": image,
-            "id2label": {0: "cat", 1: "dog"}, "label2id": {"cat": 0, "dog": 1}, "train": examples, "val": examples}
+    return folder
 
 
 def with_hub_ids_replaced(code, folder):
     return HUB_ID.sub(str(folder), code)
+
+
+def run_python(code, where):
+    """Run a python block alone, in a fresh namespace (it sees only what it defines); returns None, or the failure
+    with its traceback."""
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})
+    except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
+        return traceback.format_exc(limit=-3)
+    return None
 
 
 def run(readme=ROOT / "README.md", log=print):
@@ -132,8 +135,7 @@ def run(readme=ROOT / "README.md", log=print):
         os.chdir(workdir)
         home = Path(scratch) / "hf"
         os.environ.update(HF_HOME=str(home), HF_MODULES_CACHE=str(home / "modules"))  # bash blocks inherit it
-        namespace = provide_placeholders(workdir)
-        folder = namespace["folder"]
+        folder = provide_placeholders(workdir)
         for block in all_blocks:
             where = f"README.md line {block.line} ({block.language})"
             if block.skip:
@@ -148,11 +150,7 @@ def run(readme=ROOT / "README.md", log=print):
             start = time.monotonic()
             code = with_hub_ids_replaced(block.code, folder)
             if block.language == "python":
-                try:
-                    exec(compile(code, where, "exec"), namespace)
-                    message = None
-                except Exception:  # noqa: BLE001 - report any failure of the block, with its traceback
-                    message = traceback.format_exc(limit=-3)
+                message = run_python(code, where)
             else:
                 result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=workdir,
                                         capture_output=True, text=True, timeout=BASH_TIMEOUT)

@@ -32,6 +32,14 @@ def test_marker_parsing():
     assert readme_check.with_hub_ids_replaced('f("nvidia/MambaVision-L3-512-21K")', "/x") == 'f("/x")'
 
 
+def test_a_block_that_uses_a_name_it_does_not_define_fails():
+    """Each python block runs alone: a name defined only by an earlier block, or never, fails the check."""
+    assert readme_check.run_python("folder = 'converted'\nprint(folder)\n", "block 1") is None
+    failure = readme_check.run_python("print(folder)\n", "block 2")
+    assert failure and "NameError: name 'folder' is not defined" in failure and "block 2" in failure, failure
+    assert "ZeroDivisionError" in readme_check.run_python("1 / 0\n", "block 3")
+
+
 def test_readme_blocks_run_as_written():
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_check.py")], cwd=ROOT,
                             capture_output=True, text=True, timeout=1200)
