@@ -224,11 +224,11 @@ def cuda_case(args, variant, mode, dtype_name, backend, compile_mode, batch=None
         step()  # compile and autotune outside the timed region
         torch.cuda.synchronize()
         first_s = time.perf_counter() - started
-        torch.cuda.reset_peak_memory_stats()  # from here: profiled and timed steps, CUDA-graph recording included
-        if args.profile:
+        torch.cuda.reset_peak_memory_stats()  # from here: timed and profiled steps, CUDA-graph recording included
+        ms = time_cuda(step, args.warmup, args.iters)
+        if args.profile:  # after the timed steps: CUDA graphs' warm-up and recording are over
             print_profile(step, f"{variant} {mode} b{batch} {dtype_name} {backend} {compile_mode} "
                                 f"{'without ' + ablation if ablation else ''}")
-        ms = time_cuda(step, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"variant": variant, "mode": mode, "batch": batch, "size": size, "dtype": dtype_name, "scan": backend,
             "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else ""),
