@@ -4,8 +4,10 @@ Prints, per shape, the median time of each (channels per program, chunk length, 
 inference forward and for forward + backward, so INFER_CONFIG / TRAIN_CONFIG can be chosen from data.
 
     python benchmarks/scan_configs.py
+    python benchmarks/scan_configs.py --shapes B-l2-b128-train --configs 16,4,2 8,8,1
 """
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -19,11 +21,15 @@ from mambavision_tools import model_code  # noqa: E402
 kernels = model_code.load("selective_scan_triton")
 reference = model_code.load("selective_scan").selective_scan_ref
 
-# (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so MambaVision-T's
-# level-2/3 mixers at batch 256 (inference) and 128 (training), MambaVision-B's level 2 at batch 256, and
-# the 512x512 variants' level 2 (32x32 windows) at batch 32
+# (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so the level-2/3 mixers
+# of T, S and B at batch 256 (inference) and 128 (training); the 512x512 variants' levels 2 and 3 (32x32 and
+# 16x16 windows) at batch 32
 SHAPES = {"T-l2-b256": (256, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256": (256, 256, 196),
-          "L2-512-l2-b32": (32, 392, 1024), "T-l2-b128-train": (128, 160, 196), "T-l3-b128-train": (128, 320, 49)}
+          "B-l3-b256": (256, 512, 49), "L2-512-l2-b32": (32, 392, 1024), "L2-512-l3-b32": (32, 784, 256),
+          "L3-512-l2-b32": (32, 512, 1024), "L3-512-l3-b32": (32, 1024, 256),
+          "T-l2-b128-train": (128, 160, 196), "T-l3-b128-train": (128, 320, 49),
+          "S-l2-b128-train": (128, 192, 196), "S-l3-b128-train": (128, 384, 49),
+          "B-l2-b128-train": (128, 256, 196), "B-l3-b128-train": (128, 512, 49)}
 
 
 def inputs(seqs, dim, length, dtype=torch.bfloat16):
@@ -37,9 +43,16 @@ def inputs(seqs, dim, length, dtype=torch.bfloat16):
     return [u, delta, A, B, C, D], bias
 
 
-def main():
-    configs = [c for c in itertools.product((8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4)) if c[0] * c[1] <= 1024]
-    for name, shape in SHAPES.items():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
+    parser.add_argument("--configs", nargs="+", type=lambda c: tuple(int(v) for v in c.split(",")),
+                        help="block,chunk,warps triples (default: every block 8-64, chunk 1-32, warps 1-4)")
+    args = parser.parse_args(argv)
+    configs = args.configs or [c for c in itertools.product((8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4))
+                               if c[0] * c[1] <= 1024]
+    for name in args.shapes:
+        shape = SHAPES[name]
         args, bias = inputs(*shape)
         want = reference(*args, delta_bias=bias, delta_softplus=True).float()
         train = name.endswith("train")
