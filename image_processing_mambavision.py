@@ -210,7 +210,25 @@ class MambaVisionImageClassificationPipeline(_MambaVisionPipelineMixin, ImageCla
 
 
 class MambaVisionImageFeatureExtractionPipeline(_MambaVisionPipelineMixin, ImageFeatureExtractionPipeline):
-    """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``."""
+    """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``.
+
+    ``stages=True`` adds each stage map averaged over its positions: ``{"features": <what the pipeline returns
+    otherwise>, "stages": [(1, C_i) for the four levels]}``, as lists (tensors with ``return_tensors=True``).
+    """
+
+    def _sanitize_parameters(self, stages=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if stages is not None:
+            postprocess_params["stages"] = stages
+        return preprocess_params, forward_params, postprocess_params
+
+    def postprocess(self, model_outputs, stages=False, **kwargs):
+        features = super().postprocess(model_outputs, **kwargs)
+        if not stages:
+            return features
+        pooled = [stage_map.float().mean(dim=(2, 3)) for stage_map in model_outputs["stage_maps"]]  # (1, C_i)
+        return {"features": features,
+                "stages": pooled if kwargs.get("return_tensors") else [p.tolist() for p in pooled]}
 
 
 __all__ = [
