@@ -151,10 +151,11 @@ class EndpointHandler:
     Args:
         path: the folder (on an endpoint, the repository's copy) or a Hub repository id.
         task: one of ``TASKS``; default: ``HF_TASK`` if set to one of them, else the folder's own task.
-        device: default: the first GPU (bf16 weights), else the CPU (float32).
+        device: default: the first GPU if there is one, else the CPU.
+        dtype: the weights' dtype; default: bf16 on a GPU, float32 on the CPU.
     """
 
-    def __init__(self, path="", task=None, device=None):
+    def __init__(self, path="", task=None, device=None, dtype=None):
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)
         task = task or os.environ.get("HF_TASK")
         if task in UNSET_TASKS:
@@ -163,7 +164,7 @@ class EndpointHandler:
             raise ValueError(f"task {task!r} is not served by this handler; use one of {list(TASKS)}")
         self.task = task
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.pipeline = pipeline(task, model=path, trust_remote_code=True, device=device,
                                  **{_dtype_argument(): dtype})
         self._lock = threading.Lock()  # one forward pass at a time, as the toolkit calls (other servers may not)
