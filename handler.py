@@ -95,7 +95,8 @@ def _check_parameters(task_name, parameters):
     accepted = TASKS[task_name].parameters
     unknown = sorted(set(parameters) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown parameter {unknown[0]!r} for {task_name} (accepted: {', '.join(accepted) or 'none'})")
+        raise ValueError(f"unknown parameter {unknown[0]!r} for {task_name} "
+                         f"(accepted: {', '.join(accepted) or 'none'})")
     return {name: accepted[name](name, value) for name, value in parameters.items()}
 
 

@@ -15,7 +15,8 @@ image column and a ClassLabel column (--dataset). The model gets a new head for 
 preprocessing (the image processor's ``train_transforms``), evaluation the image processor itself. The output
 folder is Hub-ready: weights, config, model code, image processor, the Inference Endpoints handler, an example
 image (the first evaluation image, else the first training one: it is uploaded with the folder) and a model card
-(license from the base model's card); --push-to-hub uploads it. Seeded: a rerun on the same hardware and number of processes repeats the run.
+(license from the base model's card); --push-to-hub uploads it. Seeded: a rerun on the same hardware and number
+of processes repeats the run.
 --batch-size is per process: the global batch is batch size x processes x --gradient-accumulation.
 """
 

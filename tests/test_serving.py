@@ -21,9 +21,11 @@ import yaml
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
-from conftest import ROOT, TINY_ARCHITECTURE, tiny_config
+from conftest import ROOT, TINY_ARCHITECTURE, modeling, tiny_config
 from convert_checkpoint import main
-from mambavision_tools import hub_folder
+from mambavision_tools import hub_folder, publishing
+from mambavision_tools.configs import build_config
+from mambavision_tools.variants import Variant
 from test_convert import random_original_state_dict
 
 REPO_ID = "someone/MambaVision-tiny"
@@ -119,6 +121,16 @@ def test_converted_folder_carries_handler_example_and_widget(folder):
     assert front_matter["pipeline_tag"] == "image-classification" and front_matter["library_name"] == "transformers"
     assert front_matter["widget"] == [{"src": f"https://huggingface.co/{REPO_ID}/resolve/main/example.jpg",
                                        "example_title": "Flower"}]
+
+
+def test_card_of_a_head_of_other_classes_names_no_widget_image():
+    """No example suits a head of unknown classes: no widget entry, and the Deploy snippet reads the user's image."""
+    variant = Variant("Ours", "us/Ours", None, dict(TINY_ARCHITECTURE, num_labels=3), imagenet_labels=False)
+    with torch.device("meta"):
+        model = modeling.MambaVisionModelForImageClassification(build_config(variant))
+    card = publishing.render_model_card(variant, model, "us/Ours")
+    assert "widget" not in card.data.to_dict() and card.data.pipeline_tag == "image-classification"
+    assert 'with open("image.png", "rb") as file:' in card.text.split("## Deploy")[1]
 
 
 def test_overwrite_replaces_a_folder_with_handler_and_example(folder):
