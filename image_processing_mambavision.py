@@ -210,8 +210,31 @@ class MambaVisionImageClassificationPipeline(_MambaVisionPipelineMixin, ImageCla
 
 
 class MambaVisionImageFeatureExtractionPipeline(_MambaVisionPipelineMixin, ImageFeatureExtractionPipeline):
-    """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``."""
+    """``pipeline("image-feature-extraction", model=folder_or_repo, trust_remote_code=True)``.
 
+    ``stages=True`` adds each stage map averaged over its positions: ``{"features": <what the pipeline returns
+    otherwise>, "stages": [(1, C_i) for the four levels]}``, as lists (tensors with ``return_tensors=True``).
+    The maps are read from ``hidden_states``: the pipeline splits a batch's outputs per image by key, and
+    ``hidden_states`` is the tuple of maps it knows to split.
+    """
+
+    def _sanitize_parameters(self, stages=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if stages is not None:
+            forward_params["output_hidden_states"] = postprocess_params["stages"] = stages
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, output_hidden_states=False):
+        return self.model(**model_inputs, output_hidden_states=output_hidden_states)
+
+    def postprocess(self, model_outputs, stages=False, **kwargs):
+        features = super().postprocess(model_outputs, **kwargs)
+        if not stages:
+            return features
+        stage_maps = model_outputs["hidden_states"][1:]  # the stem's output comes first
+        pooled = [stage_map.float().mean(dim=(2, 3)) for stage_map in stage_maps]  # (1, C_i, H_i, W_i) -> (1, C_i)
+        return {"features": features,
+                "stages": pooled if kwargs.get("return_tensors") else [p.tolist() for p in pooled]}
 
 __all__ = [
     "MambaVisionImageProcessor", "MambaVisionImageClassificationPipeline", "MambaVisionImageFeatureExtractionPipeline"

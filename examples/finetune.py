@@ -13,8 +13,10 @@ Data: an ImageFolder tree (a folder per class: --train-dir, optional --eval-dir)
 image column and a ClassLabel column (--dataset). The model gets a new head for the data's classes
 (``ignore_mismatched_sizes``), with their names in its config. Training sees timm's augmentation at the model's
 preprocessing (the image processor's ``train_transforms``), evaluation the image processor itself. The output
-folder is Hub-ready: weights, config, model code, image processor and a model card (license from the base model's
-card); --push-to-hub uploads it. Seeded: a rerun on the same hardware and number of processes repeats the run.
+folder is Hub-ready: weights, config, model code, image processor, the Inference Endpoints handler, an example
+image (the first evaluation image, else the first training one: it is uploaded with the folder) and a model card
+(license from the base model's card); --push-to-hub uploads it. Seeded: a rerun on the same hardware and number
+of processes repeats the run.
 --batch-size is per process: the global batch is batch size x processes x --gradient-accumulation.
 """
 
@@ -56,6 +58,25 @@ from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{{ repo_id }}", trust_remote_code=True)
 print(classifier("image.jpg"))
+```
+
+## Deploy
+
+The repository serves itself on [Inference Endpoints](https://huggingface.co/docs/inference-endpoints) (task
+"Custom"): its `handler.py` answers an image body, or JSON `{"inputs": IMAGE, "parameters": {"top_k": 3}}` where
+`IMAGE` is a base64-encoded image, an http(s) URL or a list of them, with the pipeline's labels and scores; a bad
+request gets status 400 and `{"error": "..."}`. The same handler, called here as the endpoint calls it:
+
+```python
+import base64
+
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.utils import cached_file
+
+EndpointHandler = get_class_from_dynamic_module("handler.EndpointHandler", "{{ repo_id }}")
+classifier = EndpointHandler("{{ repo_id }}")  # the endpoint passes its copy of the repository
+with open(cached_file("{{ repo_id }}", "{{ example_image }}"), "rb") as file:  # the widget's example
+    print(classifier({"inputs": base64.b64encode(file.read()).decode(), "parameters": {"top_k": 3}}))
 ```
 
 ## Training
@@ -240,8 +261,9 @@ def training_arguments(args, output_dir, evaluate):
     return training_args
 
 
-def save_model_folder(trainer, model_class, output_dir):
-    """Weights (gathered from every process: FSDP shards too), config with the labels, model code, processor.
+def save_model_folder(trainer, model_class, output_dir, example_image):
+    """Weights (gathered from every process: FSDP shards too), config with the labels, model code, processor,
+    handler and ``example_image``.
 
     The weights go into a new model of the original class, saved by the repository's Hub-folder recipe: under
     FSDP2 the trained model's class is a subclass made by torch, whose module and name would be saved instead.
@@ -251,7 +273,13 @@ def save_model_folder(trainer, model_class, output_dir):
         with torch.device("meta"):  # no memory, no initialisation: the weights come next
             model = model_class(trainer.model.config)
         model.load_state_dict(state_dict, assign=True)
-        hub_folder.save_model_folder(model, output_dir)
+        hub_folder.save_model_folder(model, output_dir, example_image=example_image)
+
+
+def example_image(eval_pairs, train_pairs, to_rgb):
+    """The folder's example (the card's widget shows it): the first evaluation image, else the first training one."""
+    pairs = eval_pairs if eval_pairs is not None and len(eval_pairs) else train_pairs
+    return to_rgb(pairs[0][0])
 
 
 def base_card_data(model):
@@ -288,7 +316,7 @@ def model_card(args, trainer, labels, metrics, eval_images, repo_id):
         library_name="transformers", pipeline_tag="image-classification",
         tags=["vision", "image-classification", "mambavision", "mamba"],
         base_model=args.model if is_hub_id else None, datasets=[hub_dataset_id] if hub_dataset_id else None,
-        model_name=Path(repo_id).name, eval_results=eval_results,
+        model_name=Path(repo_id).name, eval_results=eval_results, widget=publishing.widget(repo_id, "Example"),
     )
     targs, state = trainer.args, trainer.state
     base_text = f"[{args.model}](https://huggingface.co/{args.model})" if is_hub_id else \
@@ -301,6 +329,7 @@ def model_card(args, trainer, labels, metrics, eval_images, repo_id):
         global_batch=targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps,
         augmentation="none (eval preprocessing)" if args.no_augment else "timm's training transform",
         seed=args.seed, license=base.get("license_name") or base.license, license_link=base.get("license_link"),
+        example_image=hub_folder.EXAMPLE_IMAGE,
     )
 
 
@@ -404,7 +433,8 @@ def run(args):
             metrics.update(trainer.evaluate())
         if args.synthetic:
             return 0
-        save_model_folder(trainer, model_class, output_dir)
+        example = example_image(eval_pairs, train_pairs, processor.to_rgb_image)
+        save_model_folder(trainer, model_class, output_dir, example)
 
     if trainer.is_world_process_zero():
         output_dir = Path(args.output_dir)

@@ -14,7 +14,7 @@ from . import model_code
 from .checkpoints import check_state_dict, convert_state_dict, read_checkpoint
 from .configs import build_config
 from .hub_folder import CARD, files_not_written_here, is_model_folder, save_model_folder
-from .publishing import render_model_card
+from .publishing import example_of, render_model_card
 from .report import ConversionError, first_line, listing, progress
 from .staging import output_lock, staged_folder
 
@@ -112,7 +112,9 @@ def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
 
 def _write_folder(folder, model, variant, repo_id, max_shard_size):
     try:
-        save_model_folder(model, folder, max_shard_size=max_shard_size)
+        example = example_of(variant)
+        save_model_folder(model, folder, max_shard_size=max_shard_size,
+                          example_image=example["load"]() if example else None)
         render_model_card(variant, model, repo_id).save(folder / CARD)
     except (OSError, SafetensorError) as error:  # a full disk surfaces as either
         raise ConversionError(f"cannot write the model folder: {first_line(error)}") from None

@@ -1,6 +1,8 @@
 """A Hub model folder: config, safetensors weights, the model code and the image processor, so that it loads with
-``trust_remote_code``. What it holds is the recipe at the end of ``modeling_mambavision.py`` (``AUTO_MAP``,
-``HUB_FILES``); this module writes it, and recognises a folder written so (what ``--overwrite`` may replace)."""
+``trust_remote_code``, plus ``handler.py`` and an example image, so that it serves itself on Inference Endpoints
+and its card's widget has an image to show. What it loads from is the recipe at the end of
+``modeling_mambavision.py`` (``AUTO_MAP``, ``HUB_FILES``); this module writes it, and recognises a folder written so
+(what ``--overwrite`` may replace)."""
 
 import json
 import re
@@ -14,21 +16,27 @@ modeling = model_code.load("modeling_mambavision")
 # (its `_auto_class`); config.json gets the rest
 CONFIG_AUTO_MAP = {name: path for name, path in modeling.AUTO_MAP.items() if name != "AutoImageProcessor"}
 CARD = "README.md"
+HANDLER = "handler.py"  # Inference Endpoints' custom handler (the toolkit looks for this name)
+EXAMPLE_IMAGE = "example.jpg"  # what the card's widget and Deploy snippet show
+EXAMPLE_IMAGE_SIDE = 256  # longest side of the stored example, in pixels
 # what save_model_folder and the card write, beside HUB_FILES (weights: one file, or shards and their index)
 FOLDER_FILES = re.compile(r"config\.json|preprocessor_config\.json|README\.md|model(-\d+-of-\d+)?\.safetensors"
-                          r"|model\.safetensors\.index\.json")
+                          rf"|model\.safetensors\.index\.json|{re.escape(HANDLER)}|{re.escape(EXAMPLE_IMAGE)}")
 
 
-def save_model_folder(model, folder, max_shard_size="2GB"):
+def save_model_folder(model, folder, max_shard_size="2GB", example_image=None):
     """``save_pretrained`` plus the model code, the ``auto_map`` entries and the image processor of the config's
-    preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code."""
+    preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code; ``handler.py``; and
+    ``example_image`` (a PIL image, if given) as ``example.jpg``."""
     folder = Path(folder)
     model.config.auto_map = dict(CONFIG_AUTO_MAP)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(model.config)
     processor.save_pretrained(folder)
-    for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
+    for name in (*modeling.HUB_FILES, HANDLER):  # after save_pretrained, which copies some of them
         shutil.copy2(model_code.ROOT / name, folder / name)
+    if example_image is not None:
+        save_example_image(example_image, folder)
     # transformers 5 writes the weights through a private temporary file (mode 0600): give them the mode that
     # config.json got from the umask, so that whoever may read the folder may read its weights
     mode = (folder / "config.json").stat().st_mode & 0o777
@@ -50,3 +58,11 @@ def files_not_written_here(folder):
     ours = set(modeling.HUB_FILES)
     return [entry.name + ("/" if entry.is_dir() else "") for entry in sorted(Path(folder).iterdir())
             if entry.is_symlink() or not entry.is_file() or not (entry.name in ours or FOLDER_FILES.fullmatch(entry.name))]
+
+
+def save_example_image(image, folder):
+    """``image`` as the folder's ``example.jpg``: RGB, its longest side at most ``EXAMPLE_IMAGE_SIDE`` (a widget
+    thumbnail, kilobytes); smaller images are kept at their size."""
+    image = image.convert("RGB")
+    image.thumbnail((EXAMPLE_IMAGE_SIDE, EXAMPLE_IMAGE_SIDE))  # keeps the aspect ratio; never enlarges
+    image.save(Path(folder) / EXAMPLE_IMAGE, quality=90)

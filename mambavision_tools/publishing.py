@@ -5,13 +5,43 @@ import math
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from PIL import Image
 
 from . import model_code
+from .hub_folder import EXAMPLE_IMAGE
 from .report import ConversionError, first_line, progress
 from .variants import RESULTS_SOURCE
 
 CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision.md"
 CARD_TAGS = ["vision", "image-classification", "image-feature-extraction", "mambavision", "mamba"]
+
+
+def _scikit_learn_flower():
+    from sklearn.datasets import load_sample_image  # only the converter needs scikit-learn
+
+    return Image.fromarray(load_sample_image("flower.jpg"))
+
+
+# The example image of ImageNet classifiers (the widget's and the Deploy snippet's): a photo that ships with
+# scikit-learn, a dependency, under CC BY 2.0; the card credits it.
+EXAMPLE_PHOTO = {
+    "title": "Flower",
+    "credit": "[flower.jpg](https://www.flickr.com/photos/vultilion/6056698931) by vultilion "
+              "([CC BY 2.0](https://creativecommons.org/licenses/by/2.0/)), from scikit-learn's sample images, "
+              "downscaled",
+    "load": _scikit_learn_flower,  # -> a PIL image
+}
+
+
+def example_of(variant):
+    """The example image a ``variant``'s folder carries (``EXAMPLE_PHOTO`` for ImageNet classifiers), or ``None``
+    for a head of other classes: what suits it is not known here."""
+    return EXAMPLE_PHOTO if variant.imagenet_labels else None
+
+
+def widget(repo_id, title):
+    """The card's ``widget`` metadata: the folder's example image, by its Hub address."""
+    return [{"src": f"https://huggingface.co/{repo_id}/resolve/main/{EXAMPLE_IMAGE}", "example_title": title}]
 
 
 def _stage_shapes(config):
@@ -37,10 +67,12 @@ def render_model_card(variant, model, repo_id):
             EvalResult(metric_type="top_5_accuracy", metric_name="Top-5 accuracy", metric_value=results["top5"],
                        **common),
         ]
+    example = example_of(variant)
     card_data = ModelCardData(
         license=license_["license"], license_name=license_.get("license_name"),
         license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="image-classification",
         tags=CARD_TAGS, datasets=list(variant.datasets) or None, model_name=variant.name, eval_results=eval_results,
+        widget=widget(repo_id, example["title"]) if example else None,
     )
     return ModelCard.from_template(
         card_data, template_path=str(CARD_TEMPLATE), name=variant.name, description=variant.description,
@@ -52,6 +84,7 @@ def render_model_card(variant, model, repo_id):
         results_source=RESULTS_SOURCE, license_title=license_.get("title", license_["license"]),
         license_terms=license_.get("terms", ""), license_link=license_.get("license_link"),
         datasets=list(variant.datasets), imagenet_labels=variant.imagenet_labels,
+        example_image=EXAMPLE_IMAGE if example else None, example_credit=example and example["credit"],
         **variant.preprocessing,
     )
 

@@ -402,7 +402,7 @@ def test_usage_errors_are_one_line(tiny, capsys):
 
 
 def test_failed_write_leaves_nothing(tiny, monkeypatch, capsys):
-    def fail_midway(model, folder, max_shard_size):
+    def fail_midway(model, folder, **options):
         (folder / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
@@ -422,8 +422,8 @@ def test_unexpected_failure_is_one_line_too(tiny, monkeypatch, capsys):
 def test_verify_catches_a_folder_that_does_not_reproduce(tiny, monkeypatch, capsys):
     save = conversion.save_model_folder
 
-    def save_then_corrupt(model, folder, max_shard_size):
-        save(model, folder, max_shard_size)
+    def save_then_corrupt(model, folder, **options):
+        save(model, folder, **options)
         weights = load_file(folder / "model.safetensors")
         weights["model.head.bias"] = weights["model.head.bias"] + 1.0
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})

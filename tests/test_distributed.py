@@ -28,6 +28,7 @@ import finetune
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
 from mambavision_tools import publishing
 from mambavision_tools.hub_folder import save_model_folder
+from test_serving import load_handler_module
 
 LOSS_RTOL = 1e-5  # float32 on the CPU; gradients summed in another order (all-reduce vs accumulation)
 FEATURE_TOL = 1e-5  # float32 on the CPU; batches of other sizes
@@ -142,6 +143,13 @@ def test_finetune_two_processes_match_one(model_folder, class_tree, tmp_path, mo
     with torch.no_grad():
         logits = model(**processor(images, return_tensors="pt")).logits
     assert [top["label"] for top, in predictions] == [CLASSES[i] for i in logits.argmax(-1).tolist()]
+
+    # it serves itself: handler.py answers as the pipeline does; the widget shows the first evaluation image
+    answers = load_handler_module(two).EndpointHandler(str(two))({"inputs": images, "parameters": {"top_k": 1}})
+    assert [top["label"] for top, in answers] == [top["label"] for top, in predictions]
+    assert (two / "handler.py").read_bytes() == (ROOT / "handler.py").read_bytes()
+    assert Image.open(two / "example.jpg").size == Image.open(class_tree / "val" / "blue" / "0.png").size
+    assert "src: https://huggingface.co/two/resolve/main/example.jpg" in card and "## Deploy" in card
 
 
 def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path):

@@ -1,0 +1,186 @@
+"""The repository's Inference Endpoints handler: ``EndpointHandler(path)`` serves the folder at ``path`` with its
+own pipeline (``trust_remote_code``), as Hugging Face's inference toolkit expects of a ``handler.py``.
+
+The toolkit loads this file with the repository folder on ``sys.path``, builds ``EndpointHandler(model_dir)``
+once, then calls it with each request body, one call at a time:
+
+- an image body (``Content-Type: image/*``) arrives as ``{"inputs": <PIL image>}``, decoded by the toolkit;
+- a JSON body as sent: ``{"inputs": <image>, "parameters": {...}}``, an image being a base64 string (a
+  ``data:image/...;base64,`` prefix is allowed) or an ``http(s)`` URL, fetched here with transformers' image
+  loader as the toolkit's default handler does through the pipeline; ``inputs`` may be a list of them (a batch).
+  Raw ``bytes`` are taken too, for direct calls. Local file paths are refused: a request names no server file.
+
+The answer is what the pipeline returns, plain JSON types (the toolkit serialises it with orjson). A bad payload
+raises ``ValueError`` with one line naming the problem: the toolkit answers any exception from the handler with
+status 400 and ``{"error": str(exception)}``; returning an error dict instead would go out with status 200.
+
+The task is the folder's own (``TASKS``: the entry whose model class the config names), or ``HF_TASK`` when the
+endpoint sets one of ``TASKS`` (a classifier's folder also serves ``image-feature-extraction``). A task is one
+``Task`` entry: its pipeline task, the parameters a request may give and their checks, and the pipeline's keyword
+arguments made from them.
+"""
+
+import base64
+import binascii
+import inspect
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoConfig, pipeline
+from transformers.image_utils import load_image
+
+URL_TIMEOUT_S = 10.0
+MAX_IMAGES = 64  # per request: a batch decoded at once must fit in memory
+BATCH_SIZE = 16  # images per forward pass within a request
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"parameter {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _boolean(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"parameter {name!r} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task a folder serves.
+
+    Args:
+        model_classes: the config ``architectures`` whose folder serves this task by default.
+        parameters: each parameter a request may give -> its check (name, value) -> value, raising ValueError.
+        defaults: pipeline keyword arguments sent with every call (request parameters override them).
+    """
+
+    model_classes: tuple
+    parameters: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    to_json: Callable = lambda result: result  # one image's pipeline answer -> JSON types
+
+
+# Segmentation (PNG masks, base64 as the toolkit encodes PIL images) and detection (``threshold``) are one entry each.
+TASKS = {
+    "image-classification": Task(("MambaVisionModelForImageClassification",), {"top_k": _positive_int},
+                                 defaults={"top_k": 5}),
+    # pooled features; ``stages``: each stage map averaged over its positions too
+    "image-feature-extraction": Task(("MambaVisionModel",), {"stages": _boolean}, defaults={"pool": True}),
+}
+# the toolkit's default task names when the endpoint runs a custom handler
+UNSET_TASKS = (None, "", "custom")
+
+
+def folder_task(config):
+    """The task of a folder's ``config``: the ``TASKS`` entry whose model class it was saved as."""
+    for architecture in config.architectures or ():
+        for name, task in TASKS.items():
+            if architecture in task.model_classes:
+                return name
+    raise ValueError(f"no task serves a model saved as {config.architectures}; set HF_TASK to one of {list(TASKS)}")
+
+
+def _check_parameters(task_name, parameters):
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ValueError(f"'parameters' must be an object, got {type(parameters).__name__}")
+    accepted = TASKS[task_name].parameters
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} for {task_name} "
+                         f"(accepted: {', '.join(accepted) or 'none'})")
+    return {name: accepted[name](name, value) for name, value in parameters.items()}
+
+
+def decode_image(value, where="inputs"):
+    """One request image (PIL image, bytes, base64 string or http(s) URL) -> a PIL image, EXIF orientation applied."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        try:
+            return load_image(value, timeout=URL_TIMEOUT_S)  # transformers' loader, as the pipeline would
+        except Exception as error:  # noqa: BLE001 - network, HTTP and decoding errors alike: one line
+            raise ValueError(f"{where}: could not fetch an image from {value[:200]} "
+                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if isinstance(value, str):
+        encoded = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            value = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{where}: a string must be a base64-encoded image or an http(s) URL, got "
+                             f"{value[:40]!r}{'...' if len(value) > 40 else ''}") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"{where}: expected an image (bytes, a base64 string or an http(s) URL), "
+                         f"got {type(value).__name__}")
+    try:
+        image = Image.open(io.BytesIO(value))
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{where}: image too large ({error})") from None
+    except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError is an OSError; truncated files too
+        raise ValueError(f"{where}: not an image PIL can read ({len(value)} bytes)") from None
+    return ImageOps.exif_transpose(image)
+
+
+def decode_inputs(inputs):
+    """The request's ``inputs`` -> (list of PIL images, whether it was a list)."""
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise ValueError("'inputs' is an empty list: send one image or a list of images")
+        if len(inputs) > MAX_IMAGES:
+            raise ValueError(f"'inputs' holds {len(inputs)} images; at most {MAX_IMAGES} per request")
+        return [decode_image(item, f"inputs[{i}]") for i, item in enumerate(inputs)], True
+    return [decode_image(inputs)], False
+
+
+def _dtype_argument():
+    """The pipeline's name for the model dtype: ``dtype`` (transformers >= 4.56) or ``torch_dtype``."""
+    return "dtype" if "dtype" in inspect.signature(pipeline).parameters else "torch_dtype"
+
+
+class EndpointHandler:
+    """Serves a MambaVision folder: ``EndpointHandler(path)({"inputs": ..., "parameters": {...}})``.
+
+    Args:
+        path: the folder (on an endpoint, the repository's copy) or a Hub repository id.
+        task: one of ``TASKS``; default: ``HF_TASK`` if set to one of them, else the folder's own task.
+        device: default: the first GPU if there is one, else the CPU.
+        dtype: the weights' dtype; default: bf16 on a GPU, float32 on the CPU.
+    """
+
+    def __init__(self, path="", task=None, device=None, dtype=None):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        task = task or os.environ.get("HF_TASK")
+        if task in UNSET_TASKS:
+            task = folder_task(config)
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is not served by this handler; use one of {list(TASKS)}")
+        self.task = task
+        device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.pipeline = pipeline(task, model=path, trust_remote_code=True, device=device,
+                                 **{_dtype_argument(): dtype})
+        self._lock = threading.Lock()  # one forward pass at a time, as the toolkit calls (other servers may not)
+
+    def __call__(self, data):
+        """A request body -> the pipeline's answer: a list per image, or a list of those for a list of images."""
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise ValueError("the request body must be an object with 'inputs' (and optionally 'parameters')")
+        unknown = sorted(set(data) - {"inputs", "parameters"})
+        if unknown:
+            raise ValueError(f"unknown request field {unknown[0]!r} (expected 'inputs' and 'parameters')")
+        parameters = _check_parameters(self.task, data.get("parameters"))
+        images, batched = decode_inputs(data["inputs"])
+        arguments = {**TASKS[self.task].defaults, **parameters}
+        with self._lock:
+            results = self.pipeline(images, batch_size=min(len(images), BATCH_SIZE), **arguments)
+        results = [TASKS[self.task].to_json(result) for result in results]
+        return results if batched else results[0]

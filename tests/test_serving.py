@@ -1,0 +1,323 @@
+"""handler.py: a converted folder serves itself on Inference Endpoints. The handler is loaded as the inference
+toolkit loads it and called with each payload form the toolkit passes; its answers equal the folder's pipeline
+(and the model, for features), bad payloads get one-line errors, and the folders carry it with widget metadata."""
+
+import base64
+import gc
+import http.server
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, pipeline
+
+from conftest import ROOT, TINY_ARCHITECTURE, modeling, tiny_config
+from convert_checkpoint import main
+from mambavision_tools import hub_folder, publishing
+from mambavision_tools.configs import build_config
+from mambavision_tools.variants import Variant
+from test_convert import random_original_state_dict
+
+REPO_ID = "someone/MambaVision-tiny"
+TOP_K = 3
+RSS_GROWTH_MIB = 48  # the bound on memory growth over the load test's measured requests (see test_load)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny ImageNet-1k classifier (64x64 inputs) converted by convert_checkpoint.py, as the Hub gets it."""
+    root = tmp_path_factory.mktemp("serving")
+    config = tiny_config(num_labels=1000, image_size=64)
+    (root / "architecture.json").write_text(json.dumps({**TINY_ARCHITECTURE, "num_classes": 1000, "image_size": 64}))
+    torch.save({"state_dict": random_original_state_dict(config)}, root / "original.pth.tar")
+    status = main(["--config", str(root / "architecture.json"), "--checkpoint", str(root / "original.pth.tar"),
+                   "--output-dir", str(root / "model"), "--push-to-hub", REPO_ID, "--dry-run"])
+    assert status == 0
+    return root / "model"
+
+
+def load_handler_module(folder):
+    """handler.py imported the way the inference toolkit imports it: by file, with the folder on sys.path."""
+    spec = importlib.util.spec_from_file_location("handler.EndpointHandler", folder / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+@pytest.fixture(scope="module")
+def handler_module(folder):
+    return load_handler_module(folder)
+
+
+@pytest.fixture(scope="module")
+def classifier(handler_module, folder):
+    return handler_module.EndpointHandler(str(folder))
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """The folder's own classification pipeline, what the handler's answers must equal."""
+    return pipeline("image-classification", model=str(folder), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def extractor(handler_module, folder):
+    return handler_module.EndpointHandler(str(folder), task="image-feature-extraction")
+
+
+def encoded(image, format="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Three different images as file bytes: a PNG photo-like RGB, a grey PNG, an RGBA JPEG-less PNG."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 255, (64, 48), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 255, (50, 50, 4), dtype=np.uint8))
+    return [encoded(rgb), encoded(grey), encoded(rgba)]
+
+
+def opened(data):
+    return Image.open(io.BytesIO(data))
+
+
+def toolkit_image_body(data):
+    """What the toolkit makes of an image request body (Content-Type image/*): ``Imager.deserialize``."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def assert_same_classes(actual, expected):
+    assert [entry["label"] for entry in actual] == [entry["label"] for entry in expected]
+    np.testing.assert_allclose([entry["score"] for entry in actual], [entry["score"] for entry in expected],
+                               rtol=1e-5, atol=1e-7)
+
+
+# --- the folders carry the handler and the widget metadata ---------------------------------------------------
+
+
+def test_converted_folder_carries_handler_example_and_widget(folder):
+    assert (folder / "handler.py").read_bytes() == (ROOT / "handler.py").read_bytes()
+    example = Image.open(folder / hub_folder.EXAMPLE_IMAGE)
+    assert example.format == "JPEG" and max(example.size) <= hub_folder.EXAMPLE_IMAGE_SIDE
+    front_matter = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert front_matter["pipeline_tag"] == "image-classification" and front_matter["library_name"] == "transformers"
+    assert front_matter["widget"] == [{"src": f"https://huggingface.co/{REPO_ID}/resolve/main/example.jpg",
+                                       "example_title": "Flower"}]
+
+
+def test_card_of_a_head_of_other_classes_names_no_widget_image():
+    """No example suits a head of unknown classes: no widget entry, and the Deploy snippet reads the user's image."""
+    variant = Variant("Ours", "us/Ours", None, dict(TINY_ARCHITECTURE, num_labels=3), imagenet_labels=False)
+    with torch.device("meta"):
+        model = modeling.MambaVisionModelForImageClassification(build_config(variant))
+    card = publishing.render_model_card(variant, model, "us/Ours")
+    assert "widget" not in card.data.to_dict() and card.data.pipeline_tag == "image-classification"
+    assert 'with open("image.png", "rb") as file:' in card.text.split("## Deploy")[1]
+
+
+def test_overwrite_replaces_a_folder_with_handler_and_example(folder):
+    assert hub_folder.is_model_folder(folder) and hub_folder.files_not_written_here(folder) == []
+
+
+def test_card_deploy_block_runs_offline_on_the_folder(folder, offline, capsys):
+    """The card's Deploy snippet, with the repository id replaced by the folder (as the card test does)."""
+    card = (folder / "README.md").read_text()
+    block = re.search(r"## Deploy\n.*?```python\n(.*?)```", card, flags=re.DOTALL).group(1)
+    exec(compile(block.replace(REPO_ID, str(folder)), "Deploy", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[1] == "2" and printed[2] == "64 [8, 16, 32, 64]"
+    assert len(eval(printed[0])) == TOP_K
+
+
+# --- classification ---------------------------------------------------------------------------------------------
+
+
+def test_classification_payload_forms_equal_the_pipeline(classifier, reference, pictures):
+    first = pictures[0]
+    expected = reference(toolkit_image_body(first), top_k=5)
+    assert_same_classes(classifier({"inputs": toolkit_image_body(first)}), expected)  # image body, top_k 5
+    expected = reference(opened(first), top_k=TOP_K)
+    as_base64 = base64.b64encode(first).decode()
+    for inputs in (first, as_base64, "data:image/png;base64," + as_base64):
+        assert_same_classes(classifier({"inputs": inputs, "parameters": {"top_k": TOP_K}}), expected)
+    # a list is one batch, answered per image in order, whatever form each image takes
+    batch = classifier({"inputs": [pictures[0], base64.b64encode(pictures[1]).decode(), pictures[2]],
+                        "parameters": {"top_k": TOP_K}})
+    expected = reference([opened(data) for data in pictures], top_k=TOP_K)
+    assert len(batch) == 3
+    for answer, reference_answer in zip(batch, expected):
+        assert_same_classes(answer, reference_answer)
+    assert batch[0] != batch[1]  # different images, different answers
+
+
+def test_url_inputs_are_fetched(classifier, pictures):
+    """An http(s) URL is fetched (transformers' loader, as the toolkit's default handler fetches through the
+    pipeline); a URL that cannot be reached is a one-line error."""
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(pictures[1])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/grey.png"
+        assert classifier({"inputs": url}) == classifier({"inputs": pictures[1]})
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match=r"could not fetch an image from http://127\.0\.0\.1:") as error:
+        classifier({"inputs": f"http://127.0.0.1:{server.server_port}/gone.png"})  # the server is down: refused
+    assert "\n" not in str(error.value)
+
+
+BAD_PAYLOADS = {
+    "no inputs": ({"image": "x"}, "must be an object with 'inputs'"),
+    "not an object": ([1, 2], "must be an object with 'inputs'"),
+    "extra field": ({"inputs": "x", "options": {}}, "unknown request field 'options'"),
+    "empty list": ({"inputs": []}, "'inputs' is an empty list"),
+    "too many": ({"inputs": ["x"] * 65}, "at most 64 per request"),
+    "not base64": ({"inputs": "hello there"}, "must be a base64-encoded image or an http(s) URL"),
+    "local path": ({"inputs": str(ROOT / "README.md")}, "must be a base64-encoded image or an http(s) URL"),
+    "base64 of text": ({"inputs": base64.b64encode(b"not an image at all").decode()}, "not an image PIL can read"),
+    "bytes of text": ({"inputs": b"GIF89a but not really"}, "not an image PIL can read"),
+    "a number": ({"inputs": 7}, "expected an image"),
+    "nested list": ({"inputs": [[b"x"]]}, "inputs[0]: expected an image"),
+    "bad item in a batch": ({"inputs": ["iVBORw0KGgo=", "hello there"]}, "inputs[0]: not an image"),
+    "unknown parameter": ({"inputs": "x", "parameters": {"threshold": 0.5}}, "unknown parameter 'threshold'"),
+    "parameters not an object": ({"inputs": "x", "parameters": [3]}, "'parameters' must be an object"),
+    "top_k zero": ({"inputs": "x", "parameters": {"top_k": 0}}, "'top_k' must be a positive integer"),
+    "top_k text": ({"inputs": "x", "parameters": {"top_k": "3"}}, "'top_k' must be a positive integer"),
+    "top_k bool": ({"inputs": "x", "parameters": {"top_k": True}}, "'top_k' must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("payload, fragment", BAD_PAYLOADS.values(), ids=BAD_PAYLOADS)
+def test_bad_payload_is_one_line(payload, fragment, classifier):
+    """A ValueError of one line: the toolkit answers it with status 400 and {"error": str(error)}."""
+    with pytest.raises(ValueError) as error:
+        classifier(payload)
+    message = str(error.value)
+    assert fragment in message and "\n" not in message and len(message) < 300, message
+
+
+def test_feature_parameter_is_refused_by_the_classifier(classifier, pictures):
+    with pytest.raises(ValueError, match=r"unknown parameter 'stages' for image-classification \(accepted: top_k\)"):
+        classifier({"inputs": pictures[0], "parameters": {"stages": True}})
+
+
+# --- feature extraction -----------------------------------------------------------------------------------------
+
+
+def test_features_equal_the_model_and_the_pipeline(extractor, folder, pictures):
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    images = [opened(data) for data in pictures]
+    with torch.no_grad():
+        output = model(**processor(images, return_tensors="pt"))
+    single = extractor({"inputs": base64.b64encode(pictures[0]).decode()})
+    torch.testing.assert_close(torch.tensor(single), output.pooler_output[:1], rtol=1e-5, atol=1e-6)
+    reference = pipeline("image-feature-extraction", model=str(folder), trust_remote_code=True)
+    assert np.allclose(single, reference(images[0], pool=True), rtol=1e-6, atol=1e-7)
+
+    batch = extractor({"inputs": pictures, "parameters": {"stages": True}})
+    assert len(batch) == 3
+    for i, answer in enumerate(batch):
+        torch.testing.assert_close(torch.tensor(answer["features"]), output.pooler_output[i : i + 1], rtol=1e-5,
+                                   atol=1e-6)
+        for stage_map, pooled in zip(output.stage_maps, answer["stages"]):  # (batch, C, H, W) -> (1, C)
+            torch.testing.assert_close(torch.tensor(pooled), stage_map[i : i + 1].mean(dim=(2, 3)), rtol=1e-5,
+                                       atol=1e-6)
+    with pytest.raises(ValueError, match="'stages' must be true or false"):
+        extractor({"inputs": pictures[0], "parameters": {"stages": "yes"}})
+    with pytest.raises(ValueError, match="unknown parameter 'top_k' for image-feature-extraction"):
+        extractor({"inputs": pictures[0], "parameters": {"top_k": 2}})
+
+
+# --- the task, the dtype -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hf_task, served", [("image-feature-extraction", "image-feature-extraction"),
+                                             ("custom", "image-classification"), ("", "image-classification")])
+def test_task_from_the_endpoint_environment(hf_task, served, handler_module, folder, monkeypatch):
+    monkeypatch.setenv("HF_TASK", hf_task)
+    assert handler_module.EndpointHandler(str(folder)).task == served
+
+
+def test_unserved_task_is_refused_at_start(handler_module, folder, monkeypatch):
+    monkeypatch.setenv("HF_TASK", "object-detection")
+    with pytest.raises(ValueError, match=r"task 'object-detection' is not served by this handler; use one of"):
+        handler_module.EndpointHandler(str(folder))
+
+
+def test_bf16_weights_agree_with_float32(handler_module, folder, pictures, classifier, extractor):
+    """The GPU's dtype (run on the CPU here): scores and features within bf16's precision of float32's."""
+    bf16 = handler_module.EndpointHandler(str(folder), dtype=torch.bfloat16)
+    assert bf16.pipeline.model.dtype == torch.bfloat16
+    answer = bf16({"inputs": pictures[0], "parameters": {"top_k": 1000}})
+    expected = classifier({"inputs": pictures[0], "parameters": {"top_k": 1000}})
+    scores = {entry["label"]: entry["score"] for entry in answer}
+    log_ratios = np.log([scores[e["label"]] for e in expected]) - np.log([e["score"] for e in expected])
+    assert np.abs(log_ratios).max() < 0.25  # logits within bf16's precision of float32's
+    features = handler_module.EndpointHandler(str(folder), task="image-feature-extraction", dtype=torch.bfloat16)
+    np.testing.assert_allclose(features({"inputs": pictures[0]}), extractor({"inputs": pictures[0]}), atol=0.05)
+
+
+# --- load ----------------------------------------------------------------------------------------------------------
+
+
+def resident_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc (Linux)")
+def test_load_from_threads_is_stable_and_correct(classifier, reference):
+    """60 requests (a third of them batches of 4, from 4 threads) after 20 of warm-up: the answers equal the
+    pipeline's, and the resident memory grows by less than RSS_GROWTH_MIB. The images are 512x384, so that
+    requests that leaked their decoded images (0.6 MiB each, 96 in all) would pass the bound."""
+    rng = np.random.default_rng(1)
+    images = [encoded(Image.fromarray(rng.integers(0, 255, (384, 512, 3), dtype=np.uint8)), "JPEG") for _ in range(4)]
+    expected = reference([opened(data) for data in images], top_k=TOP_K)
+    requests = [({"inputs": images, "parameters": {"top_k": TOP_K}}, expected) if i % 3 == 0 else
+                ({"inputs": base64.b64encode(images[i % 4]).decode(), "parameters": {"top_k": TOP_K}},
+                 expected[i % 4]) for i in range(80)]
+
+    def answer(request):
+        return classifier(dict(request))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(answer, [request for request, _ in requests[:20]]))
+        gc.collect()
+        before = resident_mib()
+        answers = list(pool.map(answer, [request for request, _ in requests[20:]]))
+    gc.collect()
+    growth = resident_mib() - before
+    for (request, reference_answer), actual in zip(requests[20:], answers):
+        pairs = zip(actual, reference_answer) if isinstance(request["inputs"], list) else [(actual, reference_answer)]
+        for one, other in pairs:
+            assert_same_classes(one, other)
+    assert growth < RSS_GROWTH_MIB, f"resident memory grew by {growth:.1f} MiB over 60 requests"
