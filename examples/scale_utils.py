@@ -188,7 +188,7 @@ def add_checkpoint_arguments(parser):
     group.add_argument("--save-steps", type=_positive_int, default=500,
                        help="save the training state every N optimizer steps (default: 500)")
     group.add_argument("--save-total-limit", type=_positive_int, default=2,
-                       help="complete checkpoints kept, the newest (default: 2)")
+                       help="how many complete checkpoints to keep, the newest (default: 2)")
     group.add_argument("--checkpoint-dir", help="where they go (default: <output-dir>-checkpoints)")
     group.add_argument("--keep-checkpoints", action="store_true",
                        help="keep them once the output folder is written (default: removed then)")
@@ -248,9 +248,8 @@ class CompleteCheckpoints(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        for path in checkpoint.rglob("*"):
-            if path.is_file():
-                _fsync(path)
+        for path in [*checkpoint.rglob("*"), checkpoint]:  # files and folders (FSDP writes folders of shards)
+            _fsync(path)
         mark = checkpoint / f".{COMPLETE}.tmp"
         mark.write_text(f"{state.global_step}\n")
         _fsync(mark)
@@ -274,15 +273,16 @@ def resume_point(args):
         removed = [path for path in found if path not in complete]
         for path in removed:
             shutil.rmtree(path)
-        removed_note = f"removed {', '.join(path.name for path in removed)} from {folder}" + \
-            ("" if args.no_resume else ", cut short before it was complete")
+        line = "starting from step 0"
         if complete:
             state = TrainerState.load_from_json(complete[-1] / "trainer_state.json")
-            finished = "; training had finished" if state.global_step >= state.max_steps else ""
-            print(f"resuming from {complete[-1]} (step {state.global_step}, epoch {state.epoch:.2f}){finished}"
-                  + (f"; {removed_note}" if removed else ""), flush=True)
-        elif removed:
-            print(f"starting from step 0: {removed_note}", flush=True)
+            line = f"resuming from {complete[-1]} (step {state.global_step}, epoch {state.epoch:.2f})" + \
+                ("; training had finished" if state.global_step >= state.max_steps else "")
+        if removed:
+            why = "--no-resume" if args.no_resume else "cut short before complete"
+            line += f"; removed {', '.join(path.name for path in removed)} from {folder} ({why})"
+        if found:
+            print(line, flush=True)
     return str(complete[-1]) if complete else None
 
 

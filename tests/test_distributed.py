@@ -2,7 +2,10 @@
 
 Fine-tuning: the per-step losses of 2 processes x batch 4 equal those of 1 process x batch 4 x 2 accumulated
 micro-batches (the same global batch of 8, in the same order; BatchNorm normalises each micro-batch of 4 either
-way) to LOSS_RTOL; the written folder loads with the Auto classes and classifies through the pipeline.
+way) to LOSS_RTOL; the written folder loads with the Auto classes and classifies through the pipeline. A fine-tune
+SIGKILLed while writing a checkpoint (1 and 2 processes) or its output folder resumes when run again with the same
+command: from the newest complete checkpoint, taking only the steps after it, to the uninterrupted run's losses
+(bit for bit on 1 process); the output folder never appears half-written.
 Feature extraction: 2 ranks give the features of 1 process to FEATURE_TOL, every image once, the same as the
 model itself gives per image; a run SIGKILLed midway (mid-write) completes when run again, with the same features.
 """
@@ -243,7 +246,7 @@ def test_finetune_killed_resumes_with_the_same_command(model_folder, class_tree,
 
     log, steps = run_finetune(arguments, 1, tmp_path / "second", stall_in="output")
     assert f"resuming from {checkpoints / 'checkpoint-2'} (step 2, epoch 0.67); removed checkpoint-4 from " \
-           f"{checkpoints}, cut short before it was complete\n" in log
+           f"{checkpoints} (cut short before complete)\n" in log
     assert steps == [3, 4] and not output.exists()
     staging, = tmp_path.glob(".pets-model.*.partial")
     assert (staging / "pets-model" / "model.safetensors").is_file()  # the kill landed while writing the folder
@@ -296,21 +299,36 @@ def test_finetune_two_processes_resume_and_match_one(model_folder, class_tree, u
     assert [top["label"] for top, in predictions] == [CLASSES[i] for i in logits.argmax(-1).tolist()]
 
 
-def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path):
-    output = tmp_path / "from-datasets"
+def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path, capsys):
+    """Also: --no-resume starts over (an earlier run's complete checkpoint is removed, not loaded: it holds no
+    weights); --save-total-limit 1 keeps the newest; --keep-checkpoints keeps it once the output is written."""
+    output, checkpoints = tmp_path / "from-datasets", tmp_path / "elsewhere"
+    earlier = checkpoints / "checkpoint-7"
+    earlier.mkdir(parents=True)
+    (earlier / scale_utils.COMPLETE).touch()
     finetune.main(["--model", str(model_folder), "--dataset", str(class_tree), "--eval-split", "validation",
-                   "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(output)])
+                   "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(output),
+                   "--checkpoint-dir", str(checkpoints), "--save-steps", "1", "--save-total-limit", "1",
+                   "--keep-checkpoints", "--no-resume"])
+    assert f"starting from step 0; removed checkpoint-7 from {checkpoints} (--no-resume)\n" in capsys.readouterr().out
     model = AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)
     assert model.config.id2label == dict(enumerate(CLASSES))
     assert json.loads((output / "all_results.json").read_text())["eval_samples_per_second"] > 0
+    assert scale_utils.checkpoints(checkpoints) == scale_utils.complete_checkpoints(checkpoints) == [
+        checkpoints / "checkpoint-2"]
 
 
-def test_finetune_bad_data_is_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
+@pytest.mark.parametrize("arguments, message", [
+    ([], "empty is not an image folder tree"),
+    (["--checkpoint-dir", "out/checkpoints"], "checkpoints lies in --output-dir, which is written whole at the end"),
+])
+def test_finetune_bad_data_is_one_line(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    Path("empty").mkdir()
     with pytest.raises(SystemExit) as error:
-        finetune.main(["--variant", "MambaVision-Digits", "--train-dir", str(tmp_path / "empty"),
-                       "--output-dir", str(tmp_path / "out")])
-    assert str(error.value).startswith("error: ") and "empty" in str(error.value) and "\n" not in str(error.value)
+        finetune.main(["--variant", "MambaVision-Digits", "--train-dir", "empty", "--output-dir", "out", *arguments])
+    assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # nothing written
 
 
 def read_features(folder):
