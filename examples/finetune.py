@@ -412,7 +412,8 @@ def train(args, training_args, evaluate):
     else:
         train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
         train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
-        eval_set = Examples(eval_pairs, processor.val_transforms, processor.to_rgb_image) if eval_pairs is not None else None
+        eval_set = None if eval_pairs is None else Examples(eval_pairs, processor.val_transforms,
+                                                            processor.to_rgb_image)
 
     global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation
     callbacks = [Throughput(global_batch, args.timing_warmup, args.metrics_file)]

@@ -197,7 +197,7 @@ def add_checkpoint_arguments(parser):
 
 def checkpoint_dir(args):
     output = Path(args.output_dir).resolve()
-    folder = Path(args.checkpoint_dir).resolve() if args.checkpoint_dir else output.with_name(f"{output.name}-checkpoints")
+    folder = Path(args.checkpoint_dir or output.with_name(f"{output.name}-checkpoints")).resolve()
     if folder == output or output in folder.parents:
         fail(f"--checkpoint-dir {folder} lies in --output-dir, which is written whole at the end: choose another")
     return folder
