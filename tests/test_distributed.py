@@ -123,7 +123,7 @@ def kill_when(run, ready, log, timeout=240):
     finally:
         if run.poll() is None:
             children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
-            for process_group in {os.getpgid(pid) for pid in [run.pid, *map(int, children)]}:
+            for process_group in {os.getpgid(pid) for pid in [run.pid, *map(int, children)]} - {os.getpgrp()}:
                 os.killpg(process_group, signal.SIGKILL)
         run.wait()
     assert ready(), log.read_text()[-3000:]
