@@ -109,16 +109,22 @@ def _as_list(images):
 def to_rgb_image(image):
     """Any single image a user may pass (PIL of any mode, numpy array, torch tensor) -> an 8-bit RGB PIL image."""
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, torch.Tensor):
+        rgb = _pil_to_rgb(image)
+    elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
         array = (array.float() if array.dtype in (torch.float16, torch.bfloat16) else array).numpy()
-        return _array_to_rgb(array, channels_first=True)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, channels_first=False)
-    raise TypeError(
-        f"MambaVisionImageProcessor: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}"
-    )
+        rgb = _array_to_rgb(array, channels_first=True)
+    elif isinstance(image, np.ndarray):
+        rgb = _array_to_rgb(image, channels_first=False)
+    else:
+        raise TypeError(
+            f"MambaVisionImageProcessor: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}"
+        )
+    if 0 in rgb.size:  # the resize would divide by the shorter side
+        raise ValueError(
+            f"MambaVisionImageProcessor: an image has no pixels, got width x height {rgb.width}x{rgb.height}"
+        )
+    return rgb
 
 
 def _pil_to_rgb(image):

@@ -18,9 +18,17 @@ image (the first evaluation image, else the first training one: it is uploaded w
 (license from the base model's card); --push-to-hub uploads it. Seeded: a rerun on the same hardware and number
 of processes repeats the run.
 --batch-size is per process: the global batch is batch size x processes x --gradient-accumulation.
+
+Long runs lose no finished work: the training state is saved every --save-steps optimizer steps into
+``<output-dir>-checkpoints`` (the newest --save-total-limit complete checkpoints kept), and the same command run
+again after an interruption (a kill, a preemption, an out-of-memory error) resumes from the newest complete one;
+--no-resume starts over. The output folder appears whole or not at all (written beside it, then renamed); the
+checkpoints are removed then, unless --keep-checkpoints. With --no-augment and a fixed seed, a resumed run
+computes the losses of an uninterrupted one.
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -196,17 +204,20 @@ def load_data(args):
 
 
 class Throughput(TrainerCallback):
-    """Training images per second from the end of step ``warmup`` (compilation, allocator and autotuning
-    behind) to the end of training, evaluations left out, and each GPU's peak memory: printed and written to
-    ``metrics_file``."""
+    """Training images per second from the end of this run's step ``warmup`` (compilation, allocator and
+    autotuning behind) to the end of training, evaluations left out, and each GPU's peak memory: printed and
+    written to ``metrics_file``."""
 
     def __init__(self, global_batch, warmup, metrics_file=None):
         self.global_batch, self.warmup, self.metrics_file = global_batch, warmup, metrics_file
-        self.start = None
+        self.start = self.warmup_end = None
         self.evaluation_seconds = 0.0
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.warmup_end = state.global_step + self.warmup  # a resumed run starts at its checkpoint's step
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
+        if state.global_step == self.warmup_end:
             scale_utils.synchronize()
             self.start = time.perf_counter()
 
@@ -216,10 +227,10 @@ class Throughput(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         scale_utils.synchronize()
-        steps = state.global_step - self.warmup
+        steps = state.global_step - self.warmup_end
         if self.start is None or steps <= 0:
-            scale_utils.main_process_print(f"throughput: not measured ({state.global_step} steps, the first "
-                                           f"{self.warmup} are warm-up: raise --max-steps)")
+            scale_utils.main_process_print(f"throughput: not measured (training ended at step {state.global_step}, "
+                                           f"warm-up at {self.warmup_end}: raise --max-steps)")
             return
         sharded = isinstance(kwargs["model"], FSDPModule)  # what ran, whatever was asked
         seconds = time.perf_counter() - self.start - self.evaluation_seconds
@@ -231,7 +242,7 @@ def accuracy(prediction):
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
-def training_arguments(args, output_dir, evaluate):
+def training_arguments(args, scratch, evaluate):
     # on a machine without CUDA, Trainer runs torchrun's processes as one each unless told to use the CPU
     use_cpu = args.cpu or not torch.cuda.is_available()
     if args.fsdp and use_cpu:
@@ -240,8 +251,10 @@ def training_arguments(args, output_dir, evaluate):
     fsdp_config = None
     if args.fsdp:  # one FSDP unit per block: accelerate wraps the model's _no_split_modules by default
         fsdp_config = {"version": 2, "activation_checkpointing": args.gradient_checkpointing, "state_dict_type": "FULL_STATE_DICT"}
+    # checkpoints where there is an output folder; --synthetic saves nothing (Trainer's folder: scratch)
+    checkpoints = scale_utils.checkpointing(args) if args.output_dir else {"output_dir": scratch, "save_strategy": "no"}
     training_args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        **checkpoints, num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.1, bf16=bf16, use_cpu=use_cpu,
@@ -251,7 +264,7 @@ def training_arguments(args, output_dir, evaluate):
         fsdp=args.fsdp, fsdp_config=fsdp_config,
         ddp_find_unused_parameters=False, torch_compile=args.torch_compile, seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
-        remove_unused_columns=False, eval_strategy="epoch" if evaluate else "no", save_strategy="no",
+        remove_unused_columns=False, eval_strategy="epoch" if evaluate else "no",
         logging_steps=args.logging_steps, report_to="none",
     )
     if args.fsdp:
@@ -261,19 +274,17 @@ def training_arguments(args, output_dir, evaluate):
     return training_args
 
 
-def save_model_folder(trainer, model_class, output_dir, example_image):
-    """Weights (gathered from every process: FSDP shards too), config with the labels, model code, processor,
-    handler and ``example_image``.
-
-    The weights go into a new model of the original class, saved by the repository's Hub-folder recipe: under
-    FSDP2 the trained model's class is a subclass made by torch, whose module and name would be saved instead.
-    """
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # every process takes part
-    if trainer.is_world_process_zero():
-        with torch.device("meta"):  # no memory, no initialisation: the weights come next
-            model = model_class(trainer.model.config)
-        model.load_state_dict(state_dict, assign=True)
-        hub_folder.save_model_folder(model, output_dir, example_image=example_image)
+def trained_model(trainer, model_class):
+    """The trained model on process 0 (None on the others), its weights gathered from every process (FSDP shards
+    too), all of them taking part. A new model of the original class: under FSDP2 the trained model's class is a
+    subclass made by torch, whose module and name would be saved instead."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    with torch.device("meta"):  # no memory, no initialisation: the weights come next
+        model = model_class(trainer.model.config)
+    model.load_state_dict(state_dict, assign=True)
+    return model
 
 
 def example_image(eval_pairs, train_pairs, to_rgb):
@@ -342,7 +353,7 @@ def check_arguments(parser, args):
         parser.error("--eval-dir goes with --train-dir (with --dataset: --eval-split)")
     output = Path(args.output_dir) if args.output_dir else None
     if output and output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        parser.error(f"the output folder {output} exists and is not empty (pass --overwrite to write into it)")
+        parser.error(f"the output folder {output} exists and is not empty (pass --overwrite to replace it)")
 
 
 def parse_arguments(argv):
@@ -359,7 +370,7 @@ def parse_arguments(argv):
     parser.add_argument("--label-column", default="label", help="--dataset ClassLabel column (default: label)")
     parser.add_argument("--synthetic-classes", type=int, default=1000, help="classes of --synthetic (default 1000)")
     parser.add_argument("--output-dir", help="the Hub-ready folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the --push-to-hub repository private")
     parser.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
@@ -383,6 +394,7 @@ def parse_arguments(argv):
     parser.add_argument("--timing-warmup", type=int, default=10,
                         help="steps left out of the throughput measurement (default: 10)")
     parser.add_argument("--metrics-file", help="write the throughput and peak memory to this JSON file")
+    scale_utils.add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     return args
@@ -398,58 +410,74 @@ def main(argv=None):
 
 def run(args):
     with tempfile.TemporaryDirectory() as scratch:  # Trainer's folder for --synthetic, where nothing is saved
-        output_dir = args.output_dir or scratch
         # first: it sets up the processes (torchrun's), which then load one after the other
         evaluate = bool(args.eval_dir or (args.dataset and args.eval_split))
-        training_args = training_arguments(args, output_dir, evaluate)
-        with scale_utils.main_process_first():
-            train_pairs, eval_pairs, labels = load_data(args)
-            set_seed(args.seed)  # the new head's initialisation
-            config_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
-            if args.drop_path_rate is not None:
-                config_fields["drop_path_rate"] = args.drop_path_rate
-            model, processor = scale_utils.load_model(args, AutoModelForImageClassification, config_fields,
-                                                      ignore_mismatched_sizes=True)
-        model_class = type(model)  # FSDP2 changes the class of the model it shards
-        # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
-        # across processes (it would normalise by num_items_in_batch for model code whose forward has **kwargs,
-        # as a --model from another repository may have).
-        model.accepts_loss_kwargs = False
-        if args.synthetic:
-            train_set = SyntheticImages(args.synthetic, len(labels), model.config.image_size, args.seed)
-            eval_set = None
-        else:
-            train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
-            train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
-            eval_set = Examples(eval_pairs, processor.val_transforms, processor.to_rgb_image) if eval_pairs is not None else None
+        training_args = training_arguments(args, scratch, evaluate)
+        with scale_utils.output_lock(args):
+            return train(args, training_args, evaluate)
 
-        global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                          processing_class=processor, compute_metrics=accuracy,
-                          callbacks=[Throughput(global_batch, args.timing_warmup, args.metrics_file)])
-        result = trainer.train()
-        metrics = dict(result.metrics)
-        if eval_set is not None:
-            metrics.update(trainer.evaluate())
-        if args.synthetic:
-            return 0
+
+def train(args, training_args, evaluate):
+    with scale_utils.main_process_first():
+        train_pairs, eval_pairs, labels = load_data(args)
+        set_seed(args.seed)  # the new head's initialisation
+        config_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+        if args.drop_path_rate is not None:
+            config_fields["drop_path_rate"] = args.drop_path_rate
+        model, processor = scale_utils.load_model(args, AutoModelForImageClassification, config_fields,
+                                                  ignore_mismatched_sizes=True)
+        checkpoint = scale_utils.resume_point(args) if args.output_dir else None
+    model_class = type(model)  # FSDP2 changes the class of the model it shards
+    finished = scale_utils.finished_state(checkpoint)
+    if finished:  # killed after its last step: the trained weights, no more training
+        model = model_class.from_pretrained(checkpoint)
+    # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
+    # across processes (it would normalise by num_items_in_batch for model code whose forward has **kwargs,
+    # as a --model from another repository may have).
+    model.accepts_loss_kwargs = False
+    if args.synthetic:
+        train_set = SyntheticImages(args.synthetic, len(labels), model.config.image_size, args.seed)
+        eval_set = None
+    else:
+        train_transform = processor.val_transforms if args.no_augment else processor.train_transforms
+        train_set = Examples(train_pairs, train_transform, processor.to_rgb_image)
+        eval_set = None if eval_pairs is None else Examples(eval_pairs, processor.val_transforms,
+                                                            processor.to_rgb_image)
+
+    global_batch = args.batch_size * training_args.world_size * args.gradient_accumulation
+    callbacks = [Throughput(global_batch, args.timing_warmup, args.metrics_file)]
+    if args.output_dir:
+        callbacks.append(scale_utils.CompleteCheckpoints(args.save_total_limit))
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=processor, compute_metrics=accuracy, callbacks=callbacks)
+    if finished:
+        trainer.state, metrics = finished, {}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    if args.synthetic:
+        return 0
+    model = trained_model(trainer, model_class)  # every process takes part
+    if not trainer.is_world_process_zero():
+        return 0
+    output_dir = Path(args.output_dir)
+    repo_id = args.push_to_hub or output_dir.name
+    with scale_utils.staged_output(args) as folder:
         example = example_image(eval_pairs, train_pairs, processor.to_rgb_image)
-        save_model_folder(trainer, model_class, output_dir, example)
-
-    if trainer.is_world_process_zero():
-        output_dir = Path(args.output_dir)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
-        repo_id = args.push_to_hub or output_dir.name
-        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
-        print(f"wrote {output_dir}" + (f" (eval accuracy {metrics['eval_accuracy']:.4f})" if eval_set else ""))
-        if args.push_to_hub:
-            try:
-                publishing.push_to_hub(output_dir, args.push_to_hub, private=args.private,
-                                       commit_message="Upload fine-tuned MambaVision")
-            except ConversionError as error:
-                fail(str(error))
+        hub_folder.save_model_folder(model, folder, example_image=example)
+        (folder / "all_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+        trainer.state.save_to_json(folder / "trainer_state.json")
+        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(folder / "README.md")
+    print(f"wrote {output_dir}" + (f" (eval accuracy {metrics['eval_accuracy']:.4f})" if eval_set else ""))
+    if args.push_to_hub:
+        try:
+            publishing.push_to_hub(output_dir, args.push_to_hub, private=args.private,
+                                   commit_message="Upload fine-tuned MambaVision")
+        except ConversionError as error:
+            fail(str(error))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

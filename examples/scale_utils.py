@@ -1,31 +1,53 @@
-"""What finetune.py and extract_features.py share: where the model comes from, and the throughput report.
+"""What the example scripts share: where the model comes from, the throughput report, and the fine-tuning
+scripts' checkpoints and output folder.
 
 The model is a converted folder or Hub id (transformers' Auto classes with ``trust_remote_code``), that
 folder's config with random weights (``--random-weights``), or a variant's architecture from
 ``mambavision_tools.variants`` with random weights (``--variant``): the last two need no weights and the last no
 folder, so that benchmarks of the large variants run offline.
+
+Fine-tuning (with Trainer) loses no finished work: Trainer saves its state (model, optimizer, scheduler, RNG,
+step) every ``--save-steps`` into ``<output-dir>-checkpoints``, ``CompleteCheckpoints`` marks each one complete once
+every process has written it and keeps the newest ``--save-total-limit``, and the same command run again resumes
+from the newest complete one (``resume_point``); the output folder is written beside and renamed into place
+(``staged_output``), after which the checkpoints go unless ``--keep-checkpoints``. A script uses them as::
+
+    TrainingArguments(**scale_utils.checkpointing(args), ...)
+    with scale_utils.output_lock(args):
+        with scale_utils.main_process_first():
+            checkpoint = scale_utils.resume_point(args)
+        trainer = Trainer(..., callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+        trainer.train(resume_from_checkpoint=checkpoint)  # unless finished_state(checkpoint): see there
+        ...  # gather the weights on every process
+        if trainer.is_world_process_zero():
+            with scale_utils.staged_output(args) as folder:
+                ...  # write the output into folder
 """
 
+import argparse
 import contextlib
 import difflib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as transformers_logging
 
-from mambavision_tools import model_code
-from mambavision_tools.report import first_line
+from mambavision_tools import model_code, staging
+from mambavision_tools.report import ConversionError, first_line
 from mambavision_tools.variants import PROJECT_VARIANTS, VARIANTS
 
 GIB = 2**30
 # DataLoader workers: 4, or fewer where the process may use fewer cores (PyTorch warns above that)
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 NEW_HEAD = "model.head."  # the classifier's weights, replaced when the classes change
+COMPLETE = "checkpoint_complete"  # in a checkpoint folder once every process's files of it are on disk
 
 
 def fail(message):
@@ -189,3 +211,152 @@ def synchronize():
 def main_process_print(*values):
     if distributed()[0] == 0:
         print(*values, file=sys.stdout, flush=True)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer expected, got {text}")
+    return value
+
+
+def add_checkpoint_arguments(parser):
+    group = parser.add_argument_group("checkpoints", "the same command run again resumes from the newest complete one")
+    group.add_argument("--save-steps", type=_positive_int, default=500,
+                       help="save the training state every N optimizer steps (default: 500)")
+    group.add_argument("--save-total-limit", type=_positive_int, default=2,
+                       help="how many complete checkpoints to keep, the newest (default: 2)")
+    group.add_argument("--checkpoint-dir", help="where they go (default: <output-dir>-checkpoints)")
+    group.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep them once the output folder is written (default: removed then)")
+    group.add_argument("--no-resume", action="store_true", help="start over: remove the checkpoints of an earlier run")
+
+
+def checkpoint_dir(args):
+    output = Path(args.output_dir).resolve()
+    folder = Path(args.checkpoint_dir or output.with_name(f"{output.name}-checkpoints")).resolve()
+    if folder == output or output in folder.parents:
+        fail(f"--checkpoint-dir {folder} lies in --output-dir, which is written whole at the end: choose another")
+    return folder
+
+
+def checkpointing(args):
+    """TrainingArguments' fields for checkpoints every --save-steps in ``checkpoint_dir(args)``; their number is
+    ``CompleteCheckpoints``' to limit, not Trainer's (its rotation would delete the newest complete checkpoint
+    before the next is)."""
+    return {"output_dir": str(checkpoint_dir(args)), "save_strategy": "steps", "save_steps": args.save_steps}
+
+
+def checkpoints(folder):
+    """Trainer's ``checkpoint-<step>`` folders in ``folder``, oldest first."""
+    steps = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if step.isascii() and step.isdigit() and path.is_dir():
+            steps[int(step)] = path
+    return [steps[step] for step in sorted(steps)]
+
+
+def complete_checkpoints(folder):
+    return [path for path in checkpoints(folder) if (path / COMPLETE).is_file()]
+
+
+def _fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once every process has written its part, then keeps the newest ``limit``.
+
+    Trainer (4.40 .. 5.x) writes a checkpoint file after file into its final folder, each process its own files
+    with no barrier after them: a run killed meanwhile leaves a folder without the mark, which ``resume_point``
+    never loads. The files reach the disk before the mark does (a preempted machine may not flush them)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process's files are written
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        for path in [*checkpoint.rglob("*"), checkpoint]:  # files and folders (FSDP writes folders of shards)
+            _fsync(path)
+        mark = checkpoint / f".{COMPLETE}.tmp"
+        mark.write_text(f"{state.global_step}\n")
+        _fsync(mark)
+        mark.rename(checkpoint / COMPLETE)
+        _fsync(checkpoint)
+        for old in complete_checkpoints(args.output_dir)[:-self.limit]:
+            (old / COMPLETE).unlink()  # first: a removal cut short leaves an incomplete folder, never a marked one
+            shutil.rmtree(old)
+
+
+def resume_point(args):
+    """The newest complete checkpoint of ``checkpoint_dir(args)`` to resume from, or None (none, or --no-resume).
+
+    Process 0 removes the other checkpoints that must never be loaded (cut short by a kill; all of them with
+    --no-resume) and says where training starts, in one line. Every process calls it, in ``main_process_first``.
+    """
+    folder = checkpoint_dir(args)
+    found = checkpoints(folder)
+    complete = [] if args.no_resume else [path for path in found if (path / COMPLETE).is_file()]
+    if distributed()[0] == 0:
+        removed = [path for path in found if path not in complete]
+        for path in removed:
+            shutil.rmtree(path)
+        line = "starting from step 0"
+        if complete:
+            state = TrainerState.load_from_json(complete[-1] / "trainer_state.json")
+            line = f"resuming from {complete[-1]} (step {state.global_step}, epoch {state.epoch:.2f})" + \
+                ("; training had finished" if state.global_step >= state.max_steps else "")
+        if removed:
+            why = "--no-resume" if args.no_resume else "cut short before complete"
+            line += f"; removed {', '.join(path.name for path in removed)} from {folder} ({why})"
+        if found:
+            print(line, flush=True)
+    return str(complete[-1]) if complete else None
+
+
+def finished_state(checkpoint):
+    """The TrainerState of ``checkpoint`` where it was saved at the end of training (the run was killed while
+    writing its output), else None. Trainer resumed from it would take one more step (5.x): load its weights
+    (``from_pretrained``) and state instead of training."""
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(Path(checkpoint) / "trainer_state.json")
+    return state if state.global_step >= state.max_steps else None
+
+
+@contextlib.contextmanager
+def output_lock(args):
+    """Process 0 holds --output-dir's lock for the block (one run at a time writes its checkpoints and folder) and
+    first removes the staging folders of killed runs (``mambavision_tools.staging``). Nothing without
+    --output-dir. Errors of the block's staged output become one line."""
+    if not args.output_dir or int(os.environ.get("RANK", 0)) != 0:  # torchrun's and accelerate's rank
+        yield
+        return
+    try:
+        with staging.output_lock(Path(args.output_dir), job="fine-tuning run"):
+            yield
+    except ConversionError as error:
+        fail(str(error))
+
+
+@contextlib.contextmanager
+def staged_output(args):
+    """An empty folder that becomes --output-dir once the block ends (replacing a folder there with --overwrite);
+    nothing of it is left if the block fails. Then the checkpoints go, unless --keep-checkpoints. Process 0 only,
+    inside ``output_lock(args)``."""
+    with staging.staged_folder(Path(args.output_dir).resolve(), replace=args.overwrite) as folder:
+        yield folder
+    if not args.keep_checkpoints:
+        for checkpoint in checkpoints(checkpoint_dir(args)):
+            shutil.rmtree(checkpoint)
+        with contextlib.suppress(OSError):  # kept where something else is in it
+            checkpoint_dir(args).rmdir()

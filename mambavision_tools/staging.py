@@ -77,8 +77,8 @@ def _aside(target):
 
 
 @contextmanager
-def output_lock(target):
-    """Hold ``target``'s lock for the block; refuse if another process holds it.
+def output_lock(target, job="conversion"):
+    """Hold ``target``'s lock for the block; refuse if another process holds it (a ``job``, in the message).
 
     Creates missing parent folders (removed again if the block leaves no ``target``), then removes staging
     folders of killed runs: with the lock held, no other writer of ``target`` is alive.
@@ -88,12 +88,12 @@ def output_lock(target):
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
     try:
-        descriptor = _acquire(lock, target)
+        descriptor = _acquire(lock, target, job)
     except BaseException:
         _remove_empty(created)
         raise
     try:
-        _recover(target)
+        _recover(target, job)
         yield target
     finally:
         with signals_deferred():
@@ -103,7 +103,7 @@ def output_lock(target):
                 _remove_empty(created)
 
 
-def _acquire(lock, target):
+def _acquire(lock, target, job):
     while True:
         descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -111,7 +111,7 @@ def _acquire(lock, target):
         except BlockingIOError:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
-            raise ConversionError(f"another conversion (pid {holder}) is writing {target}; its lock is {lock}") from None
+            raise ConversionError(f"another {job} (pid {holder}) is writing {target}; its lock is {lock}") from None
         try:
             current = os.stat(lock).st_ino
         except FileNotFoundError:
@@ -123,7 +123,7 @@ def _acquire(lock, target):
         os.close(descriptor)  # the previous holder removed this file as we opened it: lock the new one
 
 
-def _recover(target):
+def _recover(target, job):
     """Remove the staging folders that killed runs left; put back a folder that one had moved aside."""
     for staging in staging_folders(target):
         aside = staging / _aside(target)
@@ -132,7 +132,7 @@ def _recover(target):
                 aside.rename(target)
                 progress(f"restored {target.name} from {staging.name}, where an interrupted replacement had moved it")
             shutil.rmtree(staging)
-        progress(f"removed {staging.name}, left by an interrupted conversion")
+        progress(f"removed {staging.name}, left by an interrupted {job}")
 
 
 def _remove_empty(folders):
@@ -157,7 +157,7 @@ def staged_folder(target, replace=False):
         with signals_deferred():
             if target.exists():
                 if not replace and (not target.is_dir() or any(target.iterdir())):
-                    raise ConversionError(f"{target} was filled while converting; nothing was replaced")
+                    raise ConversionError(f"{target} was filled meanwhile by another writer; nothing was replaced")
                 target.rename(staging / _aside(target))
             try:
                 folder.rename(target)

@@ -2,13 +2,17 @@
 
 Fine-tuning: the per-step losses of 2 processes x batch 4 equal those of 1 process x batch 4 x 2 accumulated
 micro-batches (the same global batch of 8, in the same order; BatchNorm normalises each micro-batch of 4 either
-way) to LOSS_RTOL; the written folder loads with the Auto classes and classifies through the pipeline.
+way) to LOSS_RTOL; the written folder loads with the Auto classes and classifies through the pipeline. A fine-tune
+SIGKILLed while writing a checkpoint (1 and 2 processes) or its output folder resumes when run again with the same
+command: from the newest complete checkpoint, taking only the steps after it, to the uninterrupted run's losses
+(bit for bit on 1 process); the output folder never appears half-written.
 Feature extraction: 2 ranks give the features of 1 process to FEATURE_TOL, every image once, the same as the
 model itself gives per image; a run SIGKILLed midway (mid-write) completes when run again, with the same features.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,12 +29,14 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassif
 
 import extract_features
 import finetune
+import scale_utils
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
 from mambavision_tools import publishing
 from mambavision_tools.hub_folder import save_model_folder
 from test_serving import load_handler_module
 
 LOSS_RTOL = 1e-5  # float32 on the CPU; gradients summed in another order (all-reduce vs accumulation)
+RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 FEATURE_TOL = 1e-5  # float32 on the CPU; batches of other sizes
 CLASSES = ("blue", "green", "red")
 BASE_CARD = "---\nlicense: other\nlicense_name: nvclv1\nlicense_link: https://example.com/license\n---\n# base\n"
@@ -99,34 +105,183 @@ def logged_losses(folder):
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def test_finetune_two_processes_match_one(model_folder, class_tree, tmp_path, monkeypatch):
-    common = ["--model", model_folder, "--train-dir", class_tree / "train", "--eval-dir", class_tree / "val",
-              "--max-steps", 4, "--batch-size", 4, "--no-augment", "--learning-rate", 1e-3, "--num-workers", 0,
-              "--logging-steps", 1, "--timing-warmup", 1]
-    two = tmp_path / "two"
-    result = torchrun("finetune.py", *common, "--output-dir", two)
-    assert "throughput: train" in result.stdout and "2 processes" in result.stdout
+def finetune_arguments(model_folder, class_tree, output):
+    """A 4-step fine-tune, checkpointed every 2 steps: 24 images in global batches of 8 (3 steps an epoch)."""
+    return [str(arg) for arg in ["--model", model_folder, "--train-dir", class_tree / "train", "--eval-dir",
+                                 class_tree / "val", "--max-steps", 4, "--batch-size", 4, "--no-augment",
+                                 "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
+                                 "--timing-warmup", 1, "--save-steps", 2, "--output-dir", output]]
 
+
+def kill_when(run, ready, log, timeout=240):
+    """SIGKILL ``run`` (a launcher started in a session of its own) and its child processes (torchrun gives each
+    rank a session of its own) once ``ready()`` holds: the run stalls where the test wants the kill to land, so it
+    lands there for sure. Fails with the run's log if the run ended or ``timeout`` passed first."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if run.poll() is None:
+            children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+            for process_group in {os.getpgid(pid) for pid in [run.pid, *map(int, children)]} - {os.getpgrp()}:
+                os.killpg(process_group, signal.SIGKILL)
+        run.wait()
+    assert ready(), log.read_text()[-3000:]
+
+
+# finetune.py that prints each optimizer step it takes and, as STALL_IN says, stalls (each process) while Trainer
+# writes its second checkpoint (weights and optimizer written; RNG and trainer state not) or while the output
+# folder is written (its weights written, the rest not); it touches $STALLED.<rank> when it does
+STALLING_FINETUNE = """
+import os, sys, time
+sys.path.insert(0, {examples!r})
+import finetune, scale_utils
+from transformers import Trainer
+
+
+def stall():
+    open(f"{{os.environ['STALLED']}}.{{os.environ.get('RANK', 0)}}", "w").close()
+    time.sleep(600)
+
+
+def print_step(self, args, state, control, **kwargs):
+    if state.is_world_process_zero:
+        print(f"optimizer step {{state.global_step}}", flush=True)
+
+
+scale_utils.CompleteCheckpoints.on_step_end = print_step
+if os.environ["STALL_IN"] == "checkpoint":
+    save_rng_state, saves = Trainer._save_rng_state, []
+
+    def save_rng_state_or_stall(self, output_dir):
+        saves.append(output_dir)
+        if len(saves) == 2:
+            stall()
+        save_rng_state(self, output_dir)
+
+    Trainer._save_rng_state = save_rng_state_or_stall
+elif os.environ["STALL_IN"] == "output":
+    save_model_folder = finetune.hub_folder.save_model_folder
+
+    def save_model_folder_and_stall(model, folder):
+        save_model_folder(model, folder)
+        stall()
+
+    finetune.hub_folder.save_model_folder = save_model_folder_and_stall
+sys.exit(finetune.main())
+"""
+
+
+def run_finetune(arguments, processes, folder, stall_in=""):
+    """finetune.py with ``arguments`` through ``STALLING_FINETUNE`` on 1 process (python) or 2 (torchrun), run to
+    its end or, with ``stall_in``, killed where it stalls; returns its output and the optimizer steps it took."""
+    folder.mkdir()
+    script = folder / "stalling_finetune.py"
+    script.write_text(STALLING_FINETUNE.format(examples=str(ROOT / "examples")))
+    log, stalled = folder / "log", folder / "stalled"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STALL_IN": stall_in, "STALLED": str(stalled)}
+    command = [sys.executable, script, *arguments] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
+         *arguments]
+    with open(log, "w") as log_file:
+        run = subprocess.Popen(command, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
+    if stall_in:
+        kill_when(run, lambda: all(Path(f"{stalled}.{rank}").exists() for rank in range(processes)), log)
+    else:
+        assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    return output, [int(step) for step in re.findall(r"optimizer step (\d+)\n", output)]
+
+
+class FakeHub:  # --push-to-hub without a network: record what would be uploaded
     uploads = []
 
-    class FakeHub:  # --push-to-hub without a network: record what would be uploaded
-        def __init__(self, token=None):
-            pass
+    def __init__(self, token=None):
+        pass
 
-        def create_repo(self, repo_id, **kwargs):
-            uploads.append(("create", repo_id))
+    def create_repo(self, repo_id, **kwargs):
+        self.uploads.append(("create", repo_id))
 
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            uploads.append(("upload", repo_id, sorted(path.name for path in folder_path.iterdir())))
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        self.uploads.append(("upload", repo_id, sorted(path.name for path in folder_path.iterdir())))
 
-    monkeypatch.setattr(publishing, "HfApi", FakeHub)
-    one = tmp_path / "one"
-    finetune.main([str(arg) for arg in common] + ["--gradient-accumulation", "2", "--output-dir", str(one),
-                                                  "--push-to-hub", "someone/tiny-pets"])
 
-    losses_one, losses_two = logged_losses(one), logged_losses(two)
-    assert len(losses_one) == len(losses_two) == 4 and losses_one[0] != losses_one[-1]
-    np.testing.assert_allclose(losses_two, losses_one, rtol=LOSS_RTOL)
+@pytest.fixture(scope="module")
+def uninterrupted(model_folder, class_tree, tmp_path_factory):
+    """The fine-tune run through in this process, on 1 process with 2 micro-batches of 4 a step, and pushed to a
+    (fake) Hub: its output folder and what was uploaded."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "pets-model"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(publishing, "HfApi", FakeHub)
+        patch.setattr(FakeHub, "uploads", [])
+        finetune.main(finetune_arguments(model_folder, class_tree, output) + [
+            "--gradient-accumulation", "2", "--push-to-hub", "someone/tiny-pets"])
+        return output, FakeHub.uploads
+
+
+def assert_same_training(resumed, uninterrupted, rtol):
+    """The same loss at every step, and the same weights (BatchNorm's statistics too) at the end."""
+    losses, expected = logged_losses(resumed), logged_losses(uninterrupted)
+    assert len(losses) == len(expected) == 4 and expected[0] != expected[-1]
+    np.testing.assert_allclose(losses, expected, rtol=rtol)
+    weights, expected_weights = load_file(resumed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert weights.keys() == expected_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], expected_weights[name], rtol=rtol, atol=0,
+                                   msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_finetune_killed_resumes_with_the_same_command(model_folder, class_tree, uninterrupted, tmp_path, capsys):
+    """Killed while writing its second checkpoint, then while writing the output folder: each rerun of the same
+    command resumes from the newest complete checkpoint and takes only the steps after it; the output folder
+    never appears half-written; the end is the uninterrupted run's, step by step."""
+    output, checkpoints = tmp_path / "pets-model", tmp_path / "pets-model-checkpoints"
+    arguments = finetune_arguments(model_folder, class_tree, output) + ["--gradient-accumulation", "2"]
+
+    _, steps = run_finetune(arguments, 1, tmp_path / "first", stall_in="checkpoint")
+    assert steps == [1, 2, 3, 4] and not output.exists()
+    assert (checkpoints / "checkpoint-2" / scale_utils.COMPLETE).is_file()
+    assert (checkpoints / "checkpoint-4" / "optimizer.pt").is_file()  # cut short
+    assert not (checkpoints / "checkpoint-4" / scale_utils.COMPLETE).exists()
+
+    log, steps = run_finetune(arguments, 1, tmp_path / "second", stall_in="output")
+    assert f"resuming from {checkpoints / 'checkpoint-2'} (step 2, epoch 0.67); removed checkpoint-4 from " \
+           f"{checkpoints} (cut short before complete)\n" in log
+    assert steps == [3, 4] and not output.exists()
+    staging, = tmp_path.glob(".pets-model.*.partial")
+    assert (staging / "pets-model" / "model.safetensors").is_file()  # the kill landed while writing the folder
+
+    finetune.main(arguments)  # once more, to the end, in this process
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoints / 'checkpoint-4'} (step 4, epoch 1.33); training had finished\n" in printed
+    assert f"removed {staging.name}, left by an interrupted fine-tuning run" in printed
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first", "pets-model", "second"]  # checkpoints gone
+    assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in uninterrupted[0].iterdir())
+    assert_same_training(output, uninterrupted[0], RESUME_RTOL)
+
+
+def test_finetune_two_processes_resume_and_match_one(model_folder, class_tree, uninterrupted, tmp_path):
+    """2 processes x batch 4 killed while writing their second checkpoint resume with the same command, and
+    compute what 1 process x batch 4 x 2 accumulated micro-batches computes uninterrupted (the same global batch
+    of 8, in the same order; BatchNorm normalises each micro-batch of 4 either way)."""
+    two, checkpoints = tmp_path / "two", tmp_path / "two-checkpoints"
+    arguments = finetune_arguments(model_folder, class_tree, two)
+    _, steps = run_finetune(arguments, 2, tmp_path / "killed", stall_in="checkpoint")
+    assert steps == [1, 2, 3, 4] and not two.exists()
+    assert (checkpoints / "checkpoint-2" / scale_utils.COMPLETE).is_file()
+    assert not (checkpoints / "checkpoint-4" / scale_utils.COMPLETE).exists()
+
+    log, steps = run_finetune(arguments, 2, tmp_path / "resumed")
+    assert log.count("resuming from") == 1 and f"resuming from {checkpoints / 'checkpoint-2'} (step 2, " in log
+    assert steps == [3, 4] and "throughput: train" in log and "2 processes" in log
+    assert not checkpoints.exists()
+    # the same losses at every step; not the same weights: each process keeps its own BatchNorm statistics, and
+    # Adam turns the rounding noise of gradients that are 0 (biases before BatchNorm) into steps of any sign
+    one, uploads = uninterrupted
+    losses, expected = logged_losses(two), logged_losses(one)
+    assert len(losses) == len(expected) == 4 and expected[0] != expected[-1]
+    np.testing.assert_allclose(losses, expected, rtol=LOSS_RTOL)
     assert uploads[0] == ("create", "someone/tiny-pets") and uploads[1][:2] == ("upload", "someone/tiny-pets")
     assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(uploads[1][2])
 
@@ -152,21 +307,36 @@ def test_finetune_two_processes_match_one(model_folder, class_tree, tmp_path, mo
     assert "src: https://huggingface.co/two/resolve/main/example.jpg" in card and "## Deploy" in card
 
 
-def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path):
-    output = tmp_path / "from-datasets"
+def test_finetune_on_a_datasets_dataset(model_folder, class_tree, tmp_path, capsys):
+    """Also: --no-resume starts over (an earlier run's complete checkpoint is removed, not loaded: it holds no
+    weights); --save-total-limit 1 keeps the newest; --keep-checkpoints keeps it once the output is written."""
+    output, checkpoints = tmp_path / "from-datasets", tmp_path / "elsewhere"
+    earlier = checkpoints / "checkpoint-7"
+    earlier.mkdir(parents=True)
+    (earlier / scale_utils.COMPLETE).touch()
     finetune.main(["--model", str(model_folder), "--dataset", str(class_tree), "--eval-split", "validation",
-                   "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(output)])
+                   "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(output),
+                   "--checkpoint-dir", str(checkpoints), "--save-steps", "1", "--save-total-limit", "1",
+                   "--keep-checkpoints", "--no-resume"])
+    assert f"starting from step 0; removed checkpoint-7 from {checkpoints} (--no-resume)\n" in capsys.readouterr().out
     model = AutoModelForImageClassification.from_pretrained(output, trust_remote_code=True)
     assert model.config.id2label == dict(enumerate(CLASSES))
     assert json.loads((output / "all_results.json").read_text())["eval_samples_per_second"] > 0
+    assert scale_utils.checkpoints(checkpoints) == scale_utils.complete_checkpoints(checkpoints) == [
+        checkpoints / "checkpoint-2"]
 
 
-def test_finetune_bad_data_is_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
+@pytest.mark.parametrize("arguments, message", [
+    ([], "empty is not an image folder tree"),
+    (["--checkpoint-dir", "out/checkpoints"], "checkpoints lies in --output-dir, which is written whole at the end"),
+])
+def test_finetune_bad_data_is_one_line(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    Path("empty").mkdir()
     with pytest.raises(SystemExit) as error:
-        finetune.main(["--variant", "MambaVision-Digits", "--train-dir", str(tmp_path / "empty"),
-                       "--output-dir", str(tmp_path / "out")])
-    assert str(error.value).startswith("error: ") and "empty" in str(error.value) and "\n" not in str(error.value)
+        finetune.main(["--variant", "MambaVision-Digits", "--train-dir", "empty", "--output-dir", "out", *arguments])
+    assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # nothing written
 
 
 def read_features(folder):
@@ -263,21 +433,11 @@ def test_extract_resumes_after_kill(model_folder, image_tree, one_process, tmp_p
     log = tmp_path / "killed.log"
     with open(log, "w") as log_file:
         run = torchrun(script, *arguments, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        def stalled():  # each rank's first shard renamed into place, its second written and stalling
-            return len(list(output.glob("shard-*.safetensors"))) == 2 and len(list(output.glob(".shard-*.tmp"))) == 2
 
-        deadline = time.monotonic() + 240
-        while not stalled() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:  # the launcher and both ranks, each in the middle of writing a shard (torchrun gives each rank a
-        # session of its own, so the launcher's process group does not hold them)
-        if run.poll() is None:
-            ranks = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
-            for process_group in [run.pid, *map(int, ranks)]:
-                os.killpg(process_group, signal.SIGKILL)
-        run.wait()
-    assert len(list(output.glob(".shard-*.tmp"))) == 2, log.read_text()[-3000:]
+    def stalled():  # each rank's first shard renamed into place, its second written and stalling
+        return len(list(output.glob("shard-*.safetensors"))) == 2 and len(list(output.glob(".shard-*.tmp"))) == 2
+
+    kill_when(run, stalled, log)  # the launcher and both ranks, each in the middle of writing a shard
     finished = {path: path.stat().st_mtime_ns for path in output.glob("shard-*.safetensors")}
     assert len(finished) == 2 and not (output / "manifest.json").exists()
 

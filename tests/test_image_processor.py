@@ -109,6 +109,10 @@ def test_batches_and_layouts(processor):
     (np.zeros((2, 8, 8, 3, 1), np.uint8), r"an image has 2 or 3 dimensions, got shape"),
     (np.zeros((8, 8), np.complex64), r"unsupported image dtype complex64"),
     ("not-a-file.png", r"expected a PIL image, numpy array or torch tensor, got str"),
+    (Image.new("RGB", (0, 0)), r"an image has no pixels, got width x height 0x0"),
+    (Image.new("I;16", (5, 0)), r"an image has no pixels, got width x height 5x0"),
+    (np.zeros((0, 0, 3), np.uint8), r"an image has no pixels, got width x height 0x0"),
+    (torch.zeros(3, 4, 0), r"an image has no pixels, got width x height 0x4"),
 ])
 def test_bad_images_get_one_clear_error(processor, image, message):
     with pytest.raises((ValueError, TypeError), match=message):
