@@ -29,11 +29,14 @@ except ImportError:  # earlier: a function does it
             out_features=out_features, out_indices=out_indices, stage_names=config.stage_names
         )
 
-# The folder's own pipelines (image_processing_mambavision.py): transformers' two image pipelines with every
-# image mode accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
+# The folder's own pipelines (image_processing_mambavision*.py): transformers' image pipelines with every image mode
+# accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
 CUSTOM_PIPELINES = {
-    "image-classification": ("MambaVisionImageClassificationPipeline", "AutoModelForImageClassification"),
-    "image-feature-extraction": ("MambaVisionImageFeatureExtractionPipeline", "AutoModel"),
+    "image-classification": ("image_processing_mambavision.MambaVisionImageClassificationPipeline",
+                             "AutoModelForImageClassification"),
+    "image-feature-extraction": ("image_processing_mambavision.MambaVisionImageFeatureExtractionPipeline", "AutoModel"),
+    "image-segmentation": ("image_processing_mambavision_segmentation.MambaVisionImageSegmentationPipeline",
+                           "AutoModelForSemanticSegmentation"),
 }
 
 CROP_MODES = ("center", "squash")
@@ -143,7 +146,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         """What ``pipeline(task, model=<folder or repo>, trust_remote_code=True)`` runs (a fresh dict on each read:
         transformers rewrites it in place). Not saved: it follows the code, not the folder."""
         return {
-            task: {"impl": f"image_processing_mambavision.{impl}", "pt": [model_class], "type": "image"}
+            task: {"impl": impl, "pt": [model_class], "type": "image"}
             for task, (impl, model_class) in CUSTOM_PIPELINES.items()
         }
 

@@ -653,10 +653,12 @@ AUTO_MAP = {
     "AutoModel": "modeling_mambavision.MambaVisionModel",
     "AutoModelForImageClassification": "modeling_mambavision.MambaVisionModelForImageClassification",
     "AutoBackbone": "modeling_mambavision.MambaVisionBackbone",
+    "AutoModelForSemanticSegmentation": "modeling_mambavision_segmentation.MambaVisionForSemanticSegmentation",
     "AutoImageProcessor": "image_processing_mambavision.MambaVisionImageProcessor",
 }
 HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
-             "image_processing_mambavision.py")
+             "image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
+             "image_processing_mambavision_segmentation.py")
 
 # transformers 4.46 to 4.52 do not register a remote-code class loaded through an Auto class, so its save_pretrained
 # would leave this code out of the folder; registering here is what the other versions do when loading.

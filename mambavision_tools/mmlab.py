@@ -16,3 +16,21 @@ def split_backbone(state_dict):
                 if key.startswith(BACKBONE)}
     rest = {key: tensor for key, tensor in state_dict.items() if not key.startswith(BACKBONE)}
     return backbone, rest
+
+
+# mmseg's head layers -> transformers' UperNet head layers (the renames of transformers' own mmseg converters)
+SEGMENTATION_HEADS = ("decode_head.", "auxiliary_head.")
+SEGMENTATION_RENAMES = ((".bn.", ".batch_norm."), (".conv_seg.", ".classifier."))
+
+
+def segmentation_state_dict(state_dict):
+    """An mmseg UPerNet state dict (``backbone.``, ``decode_head.``, ``auxiliary_head.``) under the names of
+    ``MambaVisionForSemanticSegmentation``; keys of other components are kept as they are (the strict load that
+    follows names them)."""
+    converted, rest = split_backbone(state_dict)
+    for key, tensor in rest.items():
+        if key.startswith(SEGMENTATION_HEADS):
+            for old, new in SEGMENTATION_RENAMES:
+                key = key.replace(old, new)
+        converted[key] = tensor
+    return converted
