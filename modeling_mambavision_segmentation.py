@@ -16,6 +16,16 @@ from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNet
 
 from .modeling_mambavision import MambaVisionEncoder, MambaVisionPreTrainedModel
 
+# Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the relative
+# imports written in the file it loads, so the model files' own imports are named here too (see modeling_mambavision).
+from .configuration_mambavision import MambaVisionConfig  # noqa: F401
+from .selective_scan import selective_scan  # noqa: F401
+
+try:
+    from .selective_scan_triton import selective_scan_triton  # noqa: F401
+except ImportError:  # no triton, or a torch without custom ops: the scan falls back
+    pass
+
 # mmseg's configs/_base_/models/upernet_swin.py (decode head: 512 channels, pool scales 1/2/3/6; auxiliary FCN head on
 # stage 3 with 256 channels, one 3x3 conv, loss weight 0.4), and mmseg's ignore index 255
 UPERNET_DEFAULTS = {
