@@ -1,10 +1,10 @@
 """Fine-tune MambaVision + UPerNet for semantic segmentation with transformers' Trainer, on one device or many.
 
-    # from NVIDIA's ADE20K model (converted), or a classifier (its backbone; new UPerNet heads)
+    # from NVIDIA's ADE20K model, or a classifier (its backbone; new UPerNet heads), converted by convert_checkpoint.py
     .venv/bin/python examples/finetune_segmentation.py --model converted/MambaVision-T-1K-UPerNet-ADE20K-512 \\
         --train-dir rooms/train --eval-dir rooms/val --output-dir MambaVision-T-rooms
-    # a `datasets` dataset with an image column and a label-mask column
-    .venv/bin/python examples/finetune_segmentation.py --model nvidia/MambaVision-T-1K --dataset my/scenes \\
+    # a `datasets` dataset with an image column and a label-mask column, from a classifier converted here
+    .venv/bin/python examples/finetune_segmentation.py --model converted/MambaVision-T-1K --dataset my/scenes \\
         --mask-column annotation --labels labels.txt --eval-split validation --output-dir MambaVision-T-scenes
     # N GPUs: torchrun --nproc_per_node N examples/finetune_segmentation.py ...  (or accelerate launch)
 
