@@ -29,11 +29,14 @@ except ImportError:  # earlier: a function does it
             out_features=out_features, out_indices=out_indices, stage_names=config.stage_names
         )
 
-# The folder's own pipelines (image_processing_mambavision.py): transformers' two image pipelines with every
-# image mode accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
+# The folder's own pipelines (image_processing_mambavision*.py): transformers' image pipelines with every image mode
+# accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
 CUSTOM_PIPELINES = {
-    "image-classification": ("MambaVisionImageClassificationPipeline", "AutoModelForImageClassification"),
-    "image-feature-extraction": ("MambaVisionImageFeatureExtractionPipeline", "AutoModel"),
+    "image-classification": ("image_processing_mambavision.MambaVisionImageClassificationPipeline",
+                             "AutoModelForImageClassification"),
+    "image-feature-extraction": ("image_processing_mambavision.MambaVisionImageFeatureExtractionPipeline", "AutoModel"),
+    "image-segmentation": ("image_processing_mambavision_segmentation.MambaVisionImageSegmentationPipeline",
+                           "AutoModelForSemanticSegmentation"),
 }
 
 CROP_MODES = ("center", "squash")
@@ -63,6 +66,8 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             ``INTERPOLATIONS``).
         out_features, out_indices: the maps ``MambaVisionBackbone`` returns, by name in ``stage_names``
             (``"stem"``, ``"stage1"`` ... ``"stage4"``) or by index; default: the last stage.
+        out_norm: a LayerNorm over channels (eps 1e-5, weights ``outnorm{i}``) on each of the four stage maps, as
+            NVIDIA's segmentation and detection backbones add; off for the classifiers.
     """
 
     model_type = "mambavision"
@@ -91,6 +96,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         interpolation="bicubic",
         out_features=None,
         out_indices=None,
+        out_norm=False,
         **kwargs,
     ):
         self.depths = list(depths)
@@ -113,6 +119,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         self.crop_pct = crop_pct
         self.crop_mode = crop_mode
         self.interpolation = interpolation
+        self.out_norm = out_norm
         self._validate()
         kwargs.pop("stage_names", None)  # written by to_dict, always the same
         self.stage_names = list(STAGE_NAMES)
@@ -139,7 +146,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         """What ``pipeline(task, model=<folder or repo>, trust_remote_code=True)`` runs (a fresh dict on each read:
         transformers rewrites it in place). Not saved: it follows the code, not the folder."""
         return {
-            task: {"impl": f"image_processing_mambavision.{impl}", "pt": [model_class], "type": "image"}
+            task: {"impl": impl, "pt": [model_class], "type": "image"}
             for task, (impl, model_class) in CUSTOM_PIPELINES.items()
         }
 
@@ -183,6 +190,8 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 raise ValueError(f"MambaVisionConfig: `{name}` must be a finite number or None, got {value!r}")
+        if not isinstance(self.out_norm, bool):
+            raise ValueError(f"MambaVisionConfig: `out_norm` must be true or false, got {self.out_norm!r}")
         check_backend_name(self.scan_backend, "MambaVisionConfig: `scan_backend`")
         for name in ("mean", "std"):
             values = getattr(self, name)

@@ -6,6 +6,8 @@ The compiler's caches are reset between cases (``torch._dynamo.reset()``). ``--t
 the speed targets and prints them against the targets and the original's figures; ``--ablate`` also runs
 each of them with each of our speedups that applies (or only the named ones) switched off and prints
 the ratio.
+``--segmentation`` runs NVIDIA's ADE20K architectures instead (backbone alone, and with the UPerNet heads), on the GPU
+against the original's backbone at the same sizes (ARCHITECTURE.md), on the CPU T at 512, batch 1.
 CPU (``--device cpu``, float32, eager): latency beside timm's convnext_tiny at the same batch and resolution,
 run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1 and 8, L2-512 at 512);
 ``--onnx`` adds exporting T and onnxruntime against eager, ``--second-size`` compiling at a second size.
@@ -13,6 +15,7 @@ run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1
     python benchmarks/benchmark.py --targets --ablate --profile
     python benchmarks/benchmark.py --variants T S B --modes infer train latency --compile-modes default
     python benchmarks/benchmark.py --device cpu --onnx
+    python benchmarks/benchmark.py --segmentation --compile-modes eager default
 """
 
 import argparse
@@ -32,7 +35,7 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambavision_tools import model_code  # noqa: E402
-from mambavision_tools.variants import VARIANTS  # noqa: E402
+from mambavision_tools.variants import SEGMENTATION_VARIANTS, VARIANTS  # noqa: E402
 
 modeling = model_code.load("modeling_mambavision")
 configuration = model_code.load("configuration_mambavision")
@@ -109,6 +112,117 @@ def ablated(name):
         yield
     finally:
         setattr(module, attribute, kept)
+
+
+@dataclass(frozen=True)
+class SegmentationCase:
+    """An ADE20K architecture at its size and batch, with NVIDIA's backbone there (ARCHITECTURE.md: H200, bf16
+    autocast, channels_last, mamba-ssm's scan): img/s and peak GiB, eager and compiled (default mode)."""
+
+    variant: str
+    batch: int
+    original_img_s: tuple  # (eager, compiled)
+    original_peak_gib: tuple
+
+
+SEGMENTATION_CASES = {
+    "T": SegmentationCase("MambaVision-T-1K-UPerNet-ADE20K-512", 16, (735, 787), (0.70, 0.48)),
+    "B": SegmentationCase("MambaVision-B-1K-UPerNet-ADE20K-512", 16, (398, 579), (1.40, 0.96)),
+    "L3-512": SegmentationCase("MambaVision-L3-512-21K-UPerNet-ADE20K-640", 8, (87, 112), (4.63, 3.36)),
+}
+SEGMENTATION_PARTS = ("backbone", "upernet")  # the backbone's four normalised maps; the whole model's logits
+
+
+def build_segmentation(short, part):
+    """(model, image size): NVIDIA's ADE20K architecture ``short``, the backbone alone or with its heads."""
+    spec = SEGMENTATION_VARIANTS[SEGMENTATION_CASES[short].variant]
+    config = configuration.MambaVisionConfig(**spec.architecture, image_size=spec.image_size,
+                                             out_indices=[1, 2, 3, 4])
+    if part == "backbone":
+        return modeling.MambaVisionBackbone(config).eval(), spec.image_size
+    return model_code.load("modeling_mambavision_segmentation").MambaVisionForSemanticSegmentation(config).eval(), \
+        spec.image_size
+
+
+def segmentation_case(args, short, part, compile_mode):
+    """Inference img/s and peak memory of one ADE20K case (bf16 autocast, channels_last, Triton scan)."""
+    torch._dynamo.reset()
+    os.environ[scan.ENV_BACKEND] = "triton"
+    model, size = build_segmentation(short, part)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    batch = SEGMENTATION_CASES[short].batch
+    pixels = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(pixels)
+
+    step()  # compile outside the timed region
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_cuda(step, args.warmup, args.iters)
+    return {"variant": f"{short} {part}", "mode": "infer", "batch": batch, "size": size, "dtype": "bf16",
+            "scan": "triton", "compile": compile_mode, "ms": ms, "img_s": batch * 1e3 / ms,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_segmentation(args):
+    """Every ADE20K case (``--variants`` filters), each part, each compile mode; a failure is a row."""
+    rows = []
+    for short in [v for v in SEGMENTATION_CASES if not args.variants_given or v in args.variants]:
+        for part in SEGMENTATION_PARTS:
+            for compile_mode in args.compile_modes:
+                try:
+                    row = segmentation_case(args, short, part, compile_mode)
+                except Exception as error:  # report the failure in the table and go on
+                    row = {"variant": f"{short} {part}", "compile": compile_mode,
+                           "error": f"{type(error).__name__}: {error}"[:300]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                torch.cuda.empty_cache()
+    return rows
+
+
+def print_segmentation(rows, device):
+    """Our backbone against the original's best (the issue's goal: 1.5x, peak memory no higher)."""
+    print(f"\n### Segmentation backbones on {device}, torch {torch.__version__}, bf16 autocast, channels_last\n")
+    print("| case | compile | ours img/s (GiB) | original best img/s (GiB) | ratio | goal 1.5x | memory |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        short, part = row["variant"].rsplit(" ", 1)
+        if part != "backbone" or "error" in row:
+            continue
+        case = SEGMENTATION_CASES[short]
+        best = max(range(2), key=lambda i: case.original_img_s[i])
+        ratio = row["img_s"] / case.original_img_s[best]
+        memory_ok = row["peak_gib"] <= case.original_peak_gib[best]
+        print(f"| {short} b{row['batch']} {row['size']}px | {row['compile']} | {row['img_s']:,.0f} "
+              f"({row['peak_gib']:.2f}) | {case.original_img_s[best]:,} ({case.original_peak_gib[best]:.2f}, "
+              f"{('eager', 'compiled')[best]}) | {ratio:.2f}x | {'yes' if ratio >= 1.5 else '**no**'} | "
+              f"{'no higher' if memory_ok else '**higher**'} |")
+
+
+def run_segmentation_cpu(args):
+    """Eager float32 latency of T at 512, batch 1: the backbone alone and with the heads."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    os.environ[scan.ENV_BACKEND] = "torch"
+    rows = []
+    for part in SEGMENTATION_PARTS:
+        model, size = build_segmentation("T", part)
+        pixels = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            for _ in range(args.cpu_warmup):
+                model(pixels)
+            times = []
+            for _ in range(args.cpu_iters):
+                start = time.perf_counter()
+                model(pixels)
+                times.append((time.perf_counter() - start) * 1e3)
+        rows.append({"model": f"T {part} (ADE20K)", "batch": 1, "size": size, "threads": torch.get_num_threads(),
+                     "ms": statistics.median(times), "img_s": 1e3 / statistics.median(times)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def build(variant, fold=False):
@@ -437,6 +551,9 @@ def main(argv=None):
     parser.add_argument("--ablate", nargs="*", choices=tuple(ABLATIONS),
                         help="with --targets, also run each case without each of our speedups that applies (ratios); "
                              "names: only those")
+    parser.add_argument("--segmentation", action="store_true",
+                        help="NVIDIA's ADE20K architectures (T, B at 512 batch 16; L3-512 at 640 batch 8), backbone "
+                             "alone and with UPerNet; --variants filters; on the CPU: T at 512, batch 1")
     parser.add_argument("--variants", nargs="+", help="T, T2, S, B, L, L2, L2-512, L3-512 or a Hub variant name "
                         "(default T; with --targets, a filter)")
     parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
@@ -472,17 +589,21 @@ def main(argv=None):
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         device = torch.cuda.get_device_name()
-        if args.targets:
+        if args.segmentation:
+            rows = run_segmentation(args)
+        elif args.targets:
             results = run_targets(args)
             rows = [row for _, case_rows in results for row in case_rows]
         else:
             rows = run_cuda(args)
     else:
-        rows = run_cpu(args)
+        rows = run_segmentation_cpu(args) if args.segmentation else run_cpu(args)
         device = f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{device}, torch {torch.__version__}")
     print_table(rows)
-    if args.device == "cuda" and args.targets:
+    if args.device == "cuda" and args.segmentation:
+        print_segmentation(rows, device)
+    elif args.device == "cuda" and args.targets:
         print_targets(results, device)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))

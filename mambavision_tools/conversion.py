@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 from . import model_code
 from .checkpoints import check_state_dict, convert_state_dict, read_checkpoint
+from .mmlab import BACKBONE, segmentation_state_dict
 from .configs import build_config
 from .hub_folder import CARD, files_not_written_here, is_model_folder, save_model_folder
 from .publishing import example_of, render_model_card
@@ -19,6 +20,13 @@ from .report import ConversionError, first_line, listing, progress
 from .staging import output_lock, staged_folder
 
 VERIFY_TOLERANCE = 1e-5
+# per task: the model file and class, the renames from the original checkpoint, the Auto class that reloads it
+TASKS = {
+    "image-classification": ("modeling_mambavision", "MambaVisionModelForImageClassification", convert_state_dict,
+                             AutoModelForImageClassification),
+    "semantic-segmentation": ("modeling_mambavision_segmentation", "MambaVisionForSemanticSegmentation",
+                              segmentation_state_dict, AutoModelForSemanticSegmentation),
+}
 
 
 def fetch_checkpoint(variant):
@@ -35,17 +43,30 @@ def fetch_checkpoint(variant):
         ) from None
 
 
-def build_model(config, original_state_dict, what):
-    """The classifier holding the checkpoint's tensors (float32), after checking every name and shape."""
-    modeling = model_code.load("modeling_mambavision")
+def build_model(config, original_state_dict, what, task="image-classification"):
+    """The ``task``'s model holding the checkpoint's tensors (float32), after checking every name and shape."""
+    module, name, rename, _ = TASKS[task]
+    check_checkpoint_kind(original_state_dict, what, task)
     with torch.device("meta"):  # no memory for weights that the checkpoint replaces
-        model = modeling.MambaVisionModelForImageClassification(config)
-    state_dict = convert_state_dict(original_state_dict)
+        model = getattr(model_code.load(module), name)(config)
+    state_dict = rename(original_state_dict)
     progress(f"checking {len(state_dict)} tensors against {what}")
     check_state_dict(model.state_dict(), state_dict, what)
     state_dict = {key: tensor.float() if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def check_checkpoint_kind(original_state_dict, what, task):
+    """Refuse a checkpoint of the other kind by its layout: an mmseg/mmdet one holds its backbone under
+    ``backbone.``, an original classifier's holds none."""
+    dense = any(key.startswith(BACKBONE) for key in original_state_dict)
+    if task == "semantic-segmentation" and not dense:
+        raise ConversionError(f"the checkpoint is not an mmsegmentation model (no backbone.* keys; a classification "
+                              f"checkpoint?): {what} needs NVIDIA's UPerNet ADE20K checkpoint")
+    if task == "image-classification" and dense:
+        raise ConversionError(f"the checkpoint holds an OpenMMLab model (backbone.* keys: segmentation or detection), "
+                              f"not the classifier {what}")
 
 
 def check_output_dir(output_dir, overwrite=False, force=False, checkpoint=None):
@@ -79,11 +100,11 @@ def _relative_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
-    """Reload ``folder`` as the Hub would (AutoModelForImageClassification, trust_remote_code) and compare outputs."""
-    progress("verifying: reloading with AutoModelForImageClassification.from_pretrained(trust_remote_code=True)")
-    reloaded, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
-                                                                     output_loading_info=True)
+def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE, task="image-classification"):
+    """Reload ``folder`` as the Hub would (the task's Auto class, trust_remote_code) and compare outputs."""
+    auto_class = TASKS[task][3]
+    progress(f"verifying: reloading with {auto_class.__name__}.from_pretrained(trust_remote_code=True)")
+    reloaded, info = auto_class.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
     problems = {key: info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:
         raise ConversionError(f"verification failed: reloading reported {problems}")
@@ -132,11 +153,11 @@ def convert(variant, checkpoint, output_dir, *, config=None, repo_id=None, overw
     config = config if config is not None else build_config(variant)
     with output_lock(output_dir) as target:
         check_output_dir(target, overwrite, force, checkpoint)  # now that no other converter writes it
-        model = build_model(config, read_checkpoint(checkpoint), variant.name)
+        model = build_model(config, read_checkpoint(checkpoint), variant.name, variant.task)
         with staged_folder(target, replace=overwrite or force) as folder:
             progress(f"writing {folder.name}: config, weights (safetensors shards up to {max_shard_size}), code, card")
             _write_folder(folder, model, variant, repo_id or variant.repo_id, max_shard_size)
             if verify:
-                verify_folder(folder, model)
+                verify_folder(folder, model, task=variant.task)
     progress(f"wrote {output_dir} in {time.monotonic() - start:.1f} s")
     return Path(output_dir)

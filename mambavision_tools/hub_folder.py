@@ -15,6 +15,12 @@ modeling = model_code.load("modeling_mambavision")
 # preprocessor_config.json gets the AutoImageProcessor entry from the processor's own save_pretrained
 # (its `_auto_class`); config.json gets the rest
 CONFIG_AUTO_MAP = {name: path for name, path in modeling.AUTO_MAP.items() if name != "AutoImageProcessor"}
+# the image processor a folder gets, by model class (module, class): mmseg's for segmentation, else timm's
+PROCESSORS = {
+    "MambaVisionForSemanticSegmentation": ("image_processing_mambavision_segmentation",
+                                           "MambaVisionSegmentationImageProcessor"),
+    None: ("image_processing_mambavision", "MambaVisionImageProcessor"),
+}
 CARD = "README.md"
 HANDLER = "handler.py"  # Inference Endpoints' custom handler (the toolkit looks for this name)
 EXAMPLE_IMAGE = "example.jpg"  # what the card's widget and Deploy snippet show
@@ -31,7 +37,8 @@ def save_model_folder(model, folder, max_shard_size="2GB", example_image=None):
     folder = Path(folder)
     model.config.auto_map = dict(CONFIG_AUTO_MAP)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(model.config)
+    module, name = PROCESSORS.get(type(model).__name__, PROCESSORS[None])
+    processor = getattr(model_code.load(module), name).from_model_config(model.config)
     processor.save_pretrained(folder)
     for name in (*modeling.HUB_FILES, HANDLER):  # after save_pretrained, which copies some of them
         shutil.copy2(model_code.ROOT / name, folder / name)

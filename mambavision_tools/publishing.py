@@ -14,6 +14,8 @@ from .variants import RESULTS_SOURCE
 
 CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision.md"
 CARD_TAGS = ["vision", "image-classification", "image-feature-extraction", "mambavision", "mamba"]
+SEGMENTATION_CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision_segmentation.md"
+SEGMENTATION_CARD_TAGS = ["vision", "image-segmentation", "semantic-segmentation", "upernet", "mambavision", "mamba"]
 
 
 def _scikit_learn_flower():
@@ -53,9 +55,37 @@ def _stage_shapes(config):
     return shapes
 
 
+def render_segmentation_card(variant, model, repo_id):
+    """The README.md of a segmentation folder: mIoU on ADE20K (``scene_parse_150``), the pipeline snippet."""
+    config, results, license_ = model.config, variant.results, variant.license
+    eval_results = None
+    if results:
+        eval_results = [EvalResult(task_type="image-segmentation", task_name="Semantic Segmentation",
+                                   dataset_type="scene_parse_150", dataset_name="ADE20K", dataset_split="validation",
+                                   metric_type="mean_iou", metric_name="mIoU", metric_value=results["miou"],
+                                   source_name=RESULTS_SOURCE["name"], source_url=RESULTS_SOURCE["url"])]
+    card_data = ModelCardData(
+        license=license_["license"], license_name=license_.get("license_name"),
+        license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="image-segmentation",
+        tags=SEGMENTATION_CARD_TAGS, datasets=list(variant.datasets) or None, model_name=variant.name,
+        eval_results=eval_results,
+    )
+    return ModelCard.from_template(
+        card_data, template_path=str(SEGMENTATION_CARD_TEMPLATE), name=variant.name, description=variant.description,
+        repo_id=repo_id, checkpoint=variant.checkpoint,
+        checkpoint_url=variant.checkpoint_url if variant.checkpoint else None, num_parameters=model.num_parameters(),
+        hidden_sizes=config.hidden_sizes, depths=config.depths, window_size=config.window_size,
+        num_labels=config.num_labels, image_size=config.image_size, results=results, results_source=RESULTS_SOURCE,
+        license_title=license_.get("title", license_["license"]), license_terms=license_.get("terms", ""),
+        license_link=license_.get("license_link"), datasets=list(variant.datasets),
+    )
+
+
 def render_model_card(variant, model, repo_id):
     """The README.md of a model folder: metadata from ``variant`` (license, datasets, results), body from the
-    template."""
+    template of its task."""
+    if variant.task == "semantic-segmentation":
+        return render_segmentation_card(variant, model, repo_id)
     config, results, license_ = model.config, variant.results, variant.license
     eval_results = None
     if results:

@@ -46,6 +46,8 @@ class Variant:
             ``None`` where unpublished), or ``None``.
         license: ``license``/``license_name``/``license_link`` for the card metadata, ``title`` and
             ``terms`` for its text.
+        task: ``"image-classification"`` (an original MambaVision checkpoint) or ``"semantic-segmentation"`` (an
+            mmsegmentation UPerNet checkpoint; ``results`` then hold ``miou``, ``params_m``, ``flops_g``).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Variant:
     description: str = ""
     results: Optional[dict] = None
     license: dict = field(default_factory=lambda: dict(NVIDIA_LICENSE))
+    task: str = "image-classification"
 
     @property
     def checkpoint_url(self):
@@ -91,6 +94,15 @@ LARGE2 = _architecture(196, 64, [3, 3, 12, 5], [4, 8, 16, 32], [8, 8, 14, 7], 0.
 LARGE2_512 = _architecture(196, 64, [3, 3, 12, 5], [4, 8, 16, 32], [8, 8, 32, 16], 0.3, 1e-5)
 LARGE3_256 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 16, 8], 0.5, 1e-5)
 LARGE3_512 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 32, 16], 0.5, 1e-5)
+
+# NVIDIA's ADE20K UPerNet backbones (semantic_segmentation/configs/mamba_vision/*.py): the classifiers'
+# architectures with the windows of those configs (larger than the 1/16 and 1/32 maps, which are padded up to them),
+# per-output norms, and MambaVision's default drop-path rate (MM_mamba_vision passes the configs' rates on to nothing).
+SEGMENTATION_BACKBONE = {"out_norm": True, "drop_path_rate": 0.2}
+TINY_SEGMENTATION = {**TINY, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
+SMALL_SEGMENTATION = {**SMALL, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 160, 56]}
+BASE_SEGMENTATION = {**BASE, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
+LARGE3_SEGMENTATION = {**LARGE3_512, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
 
 IN1K = "Trained from scratch on ImageNet-1K at 224x224."
 IN21K = ("Pretrained on ImageNet-21K, then fine-tuned on ImageNet-1K at {size}x{size}; it predicts the 1,000 "
@@ -139,6 +151,53 @@ VARIANTS = {
                 description=f"The largest MambaVision (740M parameters), with larger windows for high resolution. "
                             f"{IN21K.format(size=512)}",
                 results=_results(88.1, 98.6, 739.6, 489.1)),
+    )
+}
+
+
+# ADE20K's 150 classes, in the order of mmsegmentation's ADE20KDataset (labels 1-150 of the dataset, less one)
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
+    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
+    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat",
+    "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
+    "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt",
+    "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal",
+    "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light",
+    "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)
+ADE20K = "scene_parse_150"
+ADE20K_LABELS = {"id2label": dict(enumerate(ADE20K_CLASSES)),
+                 "label2id": {name: index for index, name in enumerate(ADE20K_CLASSES)}}
+ADE20K_DESCRIPTION = ("MambaVision-{backbone} with a UPerNet decode head, trained by NVIDIA with mmsegmentation on ADE20K "
+                      "(160k iterations, {size}x{size} crops) from the ImageNet classifier {backbone}; it labels every "
+                      "pixel with one of ADE20K's 150 classes.")
+
+
+def _segmentation(backbone, size, architecture, checkpoint, results):
+    name = f"mamba_vision_160k_ade20k-{size}x{size}_{checkpoint}"
+    return Variant(f"MambaVision-{backbone}-UPerNet-ADE20K-{size}", f"nvidia/{name}", f"{name}.pth",
+                   {**architecture, **ADE20K_LABELS}, image_size=size, imagenet_labels=False, task="semantic-segmentation",
+                   datasets=(ADE20K,), description=ADE20K_DESCRIPTION.format(backbone=backbone, size=size),
+                   results=results)
+
+
+# NVIDIA's four ADE20K models (semantic_segmentation/README.md): mIoU single scale, parameters (M), FLOPs (G)
+SEGMENTATION_VARIANTS = {
+    variant.name: variant
+    for variant in (
+        _segmentation("T-1K", 512, TINY_SEGMENTATION, "tiny", {"miou": 46.0, "params_m": 55, "flops_g": 945}),
+        _segmentation("S-1K", 512, SMALL_SEGMENTATION, "small", {"miou": 48.2, "params_m": 84, "flops_g": 1135}),
+        _segmentation("B-1K", 512, BASE_SEGMENTATION, "base", {"miou": 49.1, "params_m": 126, "flops_g": 1342}),
+        _segmentation("L3-512-21K", 640, LARGE3_SEGMENTATION, "l3_21k", {"miou": 53.2, "params_m": 780,
+                                                                        "flops_g": 3670}),
     )
 }
 

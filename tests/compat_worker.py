@@ -2,12 +2,14 @@
 that this interpreter imports, offline. Writes what it computed (a dict of tensors and lists) for
 ``tests/test_compat.py`` to compare with the main environment's run of the same function.
 
-    python tests/compat_worker.py FOLDER OUT.pt [--hub-repo ID] [--hide-triton] [--deprecations-are-errors]
+    python tests/compat_worker.py FOLDER OUT.pt [--hub-repo ID] [--segmentation FOLDER] [--hide-triton]
+                                  [--deprecations-are-errors]
 
 ``--hub-repo`` names the same folder in the Hugging Face cache (``HF_HUB_CACHE``), so the Hub's code path runs
 too (code files fetched one by one, each checked for its imports). ``--hide-triton`` makes ``import triton``
 fail as on a machine without it (CPU-only torch builds, macOS). Where a version lacks a step's usual entry
 point (``AutoBackbone.from_pretrained`` on a local folder from 5.1), the fallback taken is recorded.
+``--segmentation`` names a converted segmentation folder, used as users do too (``run_segmentation``).
 """
 
 import argparse
@@ -146,11 +148,46 @@ def run(folder, hub_repo_id=None):
     return results
 
 
+def run_segmentation(folder):
+    """A segmentation folder through the Auto classes and the pipeline: its processor's pixels, the model's loss,
+    whole and sliding-window logits, and the pipeline's masks (label, mask) on a picture."""
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+    folder = str(folder)
+    picture = sample_images([SEGMENTATION_IMAGE])[0]
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    pixels = processor(picture)["pixel_values"]
+    model, info = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True,
+                                                                   output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval()
+    with torch.no_grad():
+        output = model(pixels, labels=segmentation_labels(pixels, model.config.num_labels))
+        slide = model(pixels, inference_mode="slide", crop_size=(16, 16), stride=(8, 8)).logits
+    segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+    masks = [[mask["label"], torch.as_tensor(np.asarray(mask["mask"]))] for mask in segmenter(picture)]
+    return {"classes": [type(model).__name__, type(processor).__name__, type(segmenter).__name__],
+            "pixel_values": pixels, "loss": output.loss, "logits": output.logits, "slide_logits": slide,
+            "masks": masks}
+
+
+SEGMENTATION_IMAGE = (40, 30)  # (width, height)
+
+
+def segmentation_labels(pixels, num_labels):
+    """Labels for the loss: stripes of every class, with a band of ignored pixels (255)."""
+    height, width = pixels.shape[-2:]
+    labels = (torch.arange(width) // 4 % num_labels).expand(len(pixels), height, width).clone()
+    labels[:, :3] = 255
+    return labels
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a converted model folder")
     parser.add_argument("out", help="where to write the results (torch.save)")
     parser.add_argument("--hub-repo", help="the same folder's repo id in the Hugging Face cache (HF_HUB_CACHE)")
+    parser.add_argument("--segmentation", help="a converted segmentation folder to use as well")
     parser.add_argument("--hide-triton", action="store_true", help="`import triton` fails, as where it is missing")
     parser.add_argument("--deprecations-are-errors", action="store_true",
                         help="DeprecationWarning and FutureWarning raise (for the newest transformers)")
@@ -160,7 +197,10 @@ def main(argv=None):
     if args.deprecations_are_errors:
         warnings.simplefilter("error", DeprecationWarning)
         warnings.simplefilter("error", FutureWarning)
-    torch.save(run(args.folder, args.hub_repo), args.out)
+    results = run(args.folder, args.hub_repo)
+    if args.segmentation:
+        results["segmentation"] = run_segmentation(args.segmentation)
+    torch.save(results, args.out)
 
 
 if __name__ == "__main__":

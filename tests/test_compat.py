@@ -18,12 +18,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 import compat_worker
-from conftest import ROOT, modeling, randomize_batchnorm, timm_transform, tiny_config
+from conftest import ROOT, model_code, modeling, randomize_batchnorm, timm_transform, tiny_config
 from mambavision_tools.hub_folder import save_model_folder
 
 MATRIX_FILE = ROOT / "requirements-compat.txt"
@@ -33,6 +34,7 @@ HUB_REPO = "mambavision-compat/tiny"
 LEFT_OUT_MARK = ROOT / ".venv" / "no-compat-matrix"  # written by scripts/install.sh --no-matrix
 PARALLEL = 2  # rows run two at a time (CI has 2 cores)
 TOLERANCE = dict(rtol=0, atol=1e-6)
+segmentation = model_code.load("modeling_mambavision_segmentation")
 
 
 def site(version):
@@ -57,6 +59,17 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def segmentation_folder(tmp_path_factory):
+    """A tiny converted segmentation folder (UPerNet heads, per-output norms) with random BatchNorm statistics."""
+    torch.manual_seed(0)
+    config = tiny_config(out_norm=True, image_size=32, upernet={"hidden_size": 16, "auxiliary_channels": 8})
+    model = randomize_batchnorm(segmentation.MambaVisionForSemanticSegmentation(config).eval())
+    path = tmp_path_factory.mktemp("compat") / "MambaVision-compat-segmentation"
+    save_model_folder(model, path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
 def hub_cache(folder, tmp_path_factory):
     """The same folder as the Hub repo ``HUB_REPO`` in a Hugging Face cache (what a download leaves)."""
     cache = tmp_path_factory.mktemp("hub")
@@ -68,7 +81,7 @@ def hub_cache(folder, tmp_path_factory):
     return cache
 
 
-def start_row(folder, hub_cache, out, pythonpath=None, deprecations_are_errors=False):
+def start_row(folder, segmentation_folder, hub_cache, out, pythonpath=None, deprecations_are_errors=False):
     """Run compat_worker.py in a fresh process (offline, triton hidden); returns the CompletedProcess."""
     home = out.with_suffix(".hf")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -77,18 +90,18 @@ def start_row(folder, hub_cache, out, pythonpath=None, deprecations_are_errors=F
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
     command = [sys.executable, str(Path(compat_worker.__file__)), str(folder), str(out), "--hub-repo", HUB_REPO,
-               "--hide-triton", *(["--deprecations-are-errors"] if deprecations_are_errors else [])]
+               "--segmentation", str(segmentation_folder), "--hide-triton", *(["--deprecations-are-errors"] if deprecations_are_errors else [])]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def rows(folder, hub_cache, tmp_path_factory):
+def rows(folder, segmentation_folder, hub_cache, tmp_path_factory):
     """Every row, started at once (PARALLEL at a time): ``"main"`` and each installed version -> (process, out)."""
     scratch = tmp_path_factory.mktemp("rows")
     jobs = {"main": dict(deprecations_are_errors=True)}
     jobs.update({version: dict(pythonpath=site(version)) for version in VERSIONS if site(version).is_dir()})
     pool = ThreadPoolExecutor(PARALLEL)
-    futures = {name: pool.submit(start_row, folder[0], hub_cache, scratch / f"{name}.pt", **kwargs)
+    futures = {name: pool.submit(start_row, folder[0], segmentation_folder[0], hub_cache, scratch / f"{name}.pt", **kwargs)
                for name, kwargs in jobs.items()}
     yield {name: (future, scratch / f"{name}.pt") for name, future in futures.items()}
     pool.shutdown(cancel_futures=True)
@@ -125,7 +138,28 @@ def assert_same(got, want, where):
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-def test_main_environment_matches_timm_and_the_saved_model(folder, main):
+def expected_segmentation(path, model):
+    """What the segmentation row must compute, here: the mmseg resize written out (keep the ratio within
+    (4 * 32, 32), bilinear) and the model that wrote the folder; masks from the arg max at the picture's size."""
+    picture = compat_worker.sample_images([compat_worker.SEGMENTATION_IMAGE])[0]
+    rgb = torch.from_numpy(np.array(picture)).permute(2, 0, 1)[None].float()  # (1, 3, 30, 40)
+    resized = torch.nn.functional.interpolate(rgb, size=(32, 43), mode="bilinear", align_corners=False).round()
+    mean = torch.tensor([123.675, 116.28, 103.53])[:, None, None]
+    std = torch.tensor([58.395, 57.12, 57.375])[:, None, None]
+    pixels = (resized - mean) / std
+    with torch.no_grad():
+        output = model(pixels, labels=compat_worker.segmentation_labels(pixels, model.config.num_labels))
+        slide = model(pixels, inference_mode="slide", crop_size=(16, 16), stride=(8, 8)).logits
+    scores = torch.nn.functional.interpolate(output.logits, size=(30, 40), mode="bilinear", align_corners=False)
+    classes = scores[0].argmax(0)
+    masks = [[model.config.id2label[int(c)], (classes == c).to(torch.uint8) * 255] for c in classes.unique()]
+    return {"classes": ["MambaVisionForSemanticSegmentation", "MambaVisionSegmentationImageProcessor",
+                        "MambaVisionImageSegmentationPipeline"],
+            "pixel_values": pixels, "loss": output.loss, "logits": output.logits, "slide_logits": slide,
+            "masks": masks}
+
+
+def test_main_environment_matches_timm_and_the_saved_model(folder, segmentation_folder, main):
     """The reference row is right: every result it computed equals what timm's eval transform and the model that
     wrote the folder compute here, in this process (no Auto class, pipeline or image processor involved)."""
     _, model = folder
@@ -143,7 +177,9 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, main):
     trainable = copy.deepcopy(model).train()  # a copy: a training step updates the BatchNorm statistics
     loss = trainable(pixels, labels=labels).loss  # without the worker's activation checkpointing: same values
     loss.backward()
-    model_files = sorted(set(modeling.HUB_FILES) - {"image_processing_mambavision.py"})  # the classifier's module
+    # the classifier's modules: not the processors, nor the segmentation model
+    model_files = sorted(set(modeling.HUB_FILES) - {"image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
+                                                     "image_processing_mambavision_segmentation.py"})
 
     def top3(logits):
         top = logits.softmax(-1).topk(3)
@@ -168,6 +204,7 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, main):
         "hub_code_files": model_files,
         "local_code_files": model_files,
     }
+    expected["segmentation"] = expected_segmentation(*segmentation_folder)
     assert set(main) == {*expected, "backbone_loader"}, "a result without its reference here"  # loader: a fact
     for key, value in expected.items():
         assert_same(main[key], value, f"main environment: {key}")

@@ -28,7 +28,8 @@ def saved(tmp_path_factory):
 def test_folder_has_code_and_auto_map(saved):
     folder = saved[0]
     config = json.loads((folder / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone",
+                                       "AutoModelForSemanticSegmentation"}
     assert config["architectures"] == ["MambaVisionModelForImageClassification"]
     for name in ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py"):
         assert (folder / name).is_file()
