@@ -124,12 +124,18 @@ except (ImportError, KeyError):  # earlier versions have none, or pick a causal-
 
 @dataclass
 class MambaVisionModelOutput(ModelOutput):
-    """Pooled features and the four stage maps of ``MambaVisionModel``.
+    """Pooled features and the four stage maps of ``MambaVisionModel``; unpacks like NVIDIA's tuple.
 
-    Like every ``ModelOutput`` this is a mapping: iterating over it yields its keys. NVIDIA's model returns
-    a plain tuple, so its usage ``pooled, stage_maps = model(x)`` reads ``model(x, return_dict=False)`` here
-    (or ``model(x).to_tuple()``, or ``from_pretrained(..., return_dict=False)`` for every call). Python's
-    unpacking iterates, and a mapping iterates over keys; one object cannot honour both.
+    NVIDIA's model returns the tuple ``(pooled, stage_maps)`` and its card reads ``out_avg_pool, features =
+    model(inputs)``; transformers' users read ``out.pooler_output`` or ``out["pooler_output"]``. So this output
+    is transformers' ``ModelOutput`` (a mapping: ``keys()``, ``items()``, ``values()``, ``out["name"]``,
+    ``out[0]``, ``to_tuple()``) except that iterating over it yields its values, in order, as iterating over
+    ``to_tuple()`` does. What reads it as a mapping goes through ``keys()``/``items()``/``values()``, never
+    ``iter()``: ``dict(out)`` and ``**out``, transformers' pytree flattening (torch.export, torch.compile, DDP),
+    accelerate's ``recursively_apply``/``send_to_device``, the Trainer's ``prediction_step`` and ``nested_*``
+    helpers, the pipelines, ``copy`` and ``pickle`` (tests/test_output_contract.py checks each, and the
+    compatibility matrix on every supported transformers release). With ``output_hidden_states`` it unpacks to
+    three values, as ``to_tuple()`` does.
 
     Args:
         pooler_output: (batch, channels) features after the final BatchNorm and global average pooling.
@@ -142,6 +148,9 @@ class MambaVisionModelOutput(ModelOutput):
     pooler_output: Optional[torch.FloatTensor] = None
     stage_maps: Optional[tuple] = None
     hidden_states: Optional[tuple] = None
+
+    def __iter__(self):
+        return iter(self.to_tuple())
 
     @property
     def last_hidden_state(self):
