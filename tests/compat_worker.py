@@ -11,6 +11,8 @@ point (``AutoBackbone.from_pretrained`` on a local folder from 5.1), the fallbac
 """
 
 import argparse
+import copy
+import pickle
 import sys
 import tempfile
 import warnings
@@ -91,6 +93,7 @@ def output_contract(model, pixels, scratch):
         exported = torch.export.export(model, (pixels,)).module()(pixels)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager", fullgraph=True)(pixels)
+    copied, pickled = copy.deepcopy(out), pickle.loads(pickle.dumps(out))
     moved = send_to_device(out, "cpu")
     doubled = recursively_apply(lambda t: t * 2, out)
     leaves, spec = pytree.tree_flatten(out)
@@ -108,6 +111,8 @@ def output_contract(model, pixels, scratch):
         "return_dict_false": flat(as_tuple),
         "hidden_states_unpacked": [pooled_h, *maps_h],
         "hidden_states": list(hidden),
+        "deepcopy": flat(copied),
+        "pickle": flat(pickled),
         "send_to_device": flat(moved),
         "recursively_apply": [t / 2 for t in flat(doubled)],
         "pytree": flat(rebuilt),
@@ -115,7 +120,7 @@ def output_contract(model, pixels, scratch):
         "torch_compile": flat(compiled),
         "trainer_prediction_step": flat(predicted),
     }
-    outputs = {"send_to_device": moved, "recursively_apply": doubled, "pytree": rebuilt, "torch_export": exported,
+    outputs = {"deepcopy": copied, "pickle": pickled, "send_to_device": moved, "recursively_apply": doubled, "pytree": rebuilt, "torch_export": exported,
                "torch_compile": compiled, "model": out}
     facts = {way: [type(value).__name__, list(value.keys())] for way, value in outputs.items()}
     facts["return_dict_false"] = [type(as_tuple).__name__, len(as_tuple)]
@@ -163,6 +168,13 @@ def run(folder, hub_repo_id=None):
         results["model"] = flat(model.eval()(pixels))
     with tempfile.TemporaryDirectory() as scratch:
         results["contract"] = output_contract(model, pixels, scratch)
+    results["attention"] = {}
+    for implementation in ("sdpa", "eager"):  # attn_implementation as from_pretrained takes it on this release
+        chosen = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
+                                                                 attn_implementation=implementation).eval()
+        with torch.no_grad():  # sdpa: the logits; eager: the logits and each attention block's weights
+            outputs = chosen(pixels, output_attentions=implementation == "eager")
+        results["attention"][implementation] = [chosen.config._attn_implementation, flat(outputs)]
 
     results["backbone_loader"] = "AutoBackbone"
     try:
