@@ -18,7 +18,7 @@ from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutputWithNoAttention
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .configuration_mambavision import MambaVisionConfig
@@ -124,12 +124,18 @@ except (ImportError, KeyError):  # earlier versions have none, or pick a causal-
 
 @dataclass
 class MambaVisionModelOutput(ModelOutput):
-    """Pooled features and the four stage maps of ``MambaVisionModel``.
+    """Pooled features and the four stage maps of ``MambaVisionModel``; unpacks like NVIDIA's tuple.
 
-    Like every ``ModelOutput`` this is a mapping: iterating over it yields its keys. NVIDIA's model returns
-    a plain tuple, so its usage ``pooled, stage_maps = model(x)`` reads ``model(x, return_dict=False)`` here
-    (or ``model(x).to_tuple()``, or ``from_pretrained(..., return_dict=False)`` for every call). Python's
-    unpacking iterates, and a mapping iterates over keys; one object cannot honour both.
+    NVIDIA's model returns the tuple ``(pooled, stage_maps)`` and its card reads ``out_avg_pool, features =
+    model(inputs)``; transformers' users read ``out.pooler_output`` or ``out["pooler_output"]``. So this output
+    is transformers' ``ModelOutput`` (a mapping: ``keys()``, ``items()``, ``values()``, ``out["name"]``,
+    ``out[0]``, ``to_tuple()``) except that iterating over it yields its values, in order, as iterating over
+    ``to_tuple()`` does. What reads it as a mapping goes through ``keys()``/``items()``/``values()``, never
+    ``iter()``: ``dict(out)`` and ``**out``, transformers' pytree flattening (torch.export, torch.compile, DDP),
+    accelerate's ``recursively_apply``/``send_to_device``, the Trainer's ``prediction_step`` and ``nested_*``
+    helpers, the pipelines, ``copy`` and ``pickle`` (tests/compat_worker.py's ``output_contract`` checks each on the
+    compatibility matrix, every supported transformers release). With ``output_hidden_states`` (or
+    ``output_attentions``) it unpacks to more values, as ``to_tuple()`` does.
 
     Args:
         pooler_output: (batch, channels) features after the final BatchNorm and global average pooling.
@@ -137,11 +143,17 @@ class MambaVisionModelOutput(ModelOutput):
             always returned: they are the model's multi-scale features.
         hidden_states: with ``output_hidden_states``, the stem's output followed by the four stage maps
             (the maps named by ``config.stage_names``), as the classifier and backbone return them.
+        attentions: with ``output_attentions``, each attention block's softmax weights, one tensor per block:
+            (batch * windows, heads, window**2, window**2) (see ``MambaVisionEncoder.forward``).
     """
 
     pooler_output: Optional[torch.FloatTensor] = None
     stage_maps: Optional[tuple] = None
     hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+    def __iter__(self):
+        return iter(self.to_tuple())
 
     @property
     def last_hidden_state(self):
@@ -193,8 +205,12 @@ CONV_CHANNEL_MULTIPLE = 8
 
 
 def conv_channel_padding(level, x):
-    """The zero channels a conv level adds to ``x`` (B, C, H, W) for the fast kernels (CONV_CHANNEL_MULTIPLE)."""
-    return -x.shape[1] % CONV_CHANNEL_MULTIPLE if x.is_cuda and not level.training else 0
+    """The zero channels a conv level adds to ``x`` (B, C, H, W) for the fast kernels (CONV_CHANNEL_MULTIPLE).
+    None for an offloaded level (weights on the meta device): padding reads the weights outside the convolutions'
+    own forward, where accelerate's hooks have not loaded them."""
+    if not x.is_cuda or level.training or any(p.is_meta for p in level.parameters()):
+        return 0
+    return -x.shape[1] % CONV_CHANNEL_MULTIPLE
 
 
 def padded_conv(conv, x, in_pad, out_pad):
@@ -240,6 +256,15 @@ class MambaVisionConvBlock(nn.Module):
         return residual + self.drop_path(x)
 
 
+class MambaVisionDeltaProjection(nn.Linear):
+    """The mixer's ``dt_proj``: returns the projection with its bias, and the bias (float32), which the scan adds
+    a second time (``delta_bias``) as the original does. Both are read here, inside this module's own forward:
+    where accelerate offloads weights (``device_map`` with CPU or disk offload), its hooks load them only then."""
+
+    def forward(self, x):
+        return super().forward(x), self.bias.float()
+
+
 class MambaVisionMixer(nn.Module):
     """The MambaVision token mixer: a selective scan on one half of the channels, a plain conv path on the other.
 
@@ -256,7 +281,7 @@ class MambaVisionMixer(nn.Module):
         self.scan_backend = config.scan_backend
         self.in_proj = nn.Linear(dim, inner, bias=False)
         self.x_proj = nn.Linear(self.half, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.half, bias=True)
+        self.dt_proj = MambaVisionDeltaProjection(self.dt_rank, self.half, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.half, self.d_state))
         self.D = nn.Parameter(torch.empty(self.half))
         self.out_proj = nn.Linear(inner, dim, bias=False)
@@ -281,14 +306,15 @@ class MambaVisionMixer(nn.Module):
         x = F.silu(self._depthwise(self.conv1d_x, x))
         z = F.silu(self._depthwise(self.conv1d_z, z))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta, delta_bias = self.dt_proj(dt)
         y = selective_scan(
             x.transpose(1, 2),  # (B, L, C/2) -> (B, C/2, L)
-            self.dt_proj(dt).transpose(1, 2),
+            delta.transpose(1, 2),
             -torch.exp(self.A_log.float()),
             B.transpose(1, 2),  # (B, L, N) -> (B, N, L)
             C.transpose(1, 2),
             self.D.float(),
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=delta_bias,
             backend=self.scan_backend,
         )
         return self.out_proj(torch.cat([y.transpose(1, 2), z], dim=-1))  # (B, C/2, L) -> (B, L, C/2)
@@ -300,25 +326,47 @@ class MambaVisionMixer(nn.Module):
 ATTENTION_HEAD_PADDING = 64
 
 
-class MambaVisionAttention(nn.Module):
-    """Multi-head self-attention inside a window (qkv and output projections with bias, no mask)."""
+def eager_attention_forward(query, key, value, scale):
+    """Softmax attention written out: (output, weights), weights (B, heads, N, N) with rows summing to 1."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value), weights
 
-    def __init__(self, dim, num_heads):
+
+def sdpa_attention_forward(query, key, value, scale):
+    """PyTorch's fused attention (which picks its flash, memory-efficient or math kernel): (output, None)."""
+    return F.scaled_dot_product_attention(query, key, value, scale=scale), None
+
+
+# config._attn_implementation -> the function; transformers sets it from from_pretrained(attn_implementation=...)
+# ("sdpa" by default, as _supports_sdpa allows) on every supported release
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
+
+
+class MambaVisionAttention(nn.Module):
+    """Multi-head self-attention inside a window (qkv and output projections with bias, no mask).
+
+    Runs ``config._attn_implementation``; returning the weights (``output_attentions``) runs the eager path.
+    """
+
+    def __init__(self, config, dim, num_heads):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, output_attentions=False):
         b, n, c = hidden_states.shape
         head_dim = c // self.num_heads
+        implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
         qkv = self.qkv(hidden_states).view(b, n, 3, self.num_heads, head_dim)
-        pad = -head_dim % ATTENTION_HEAD_PADDING if hidden_states.is_cuda and head_dim % 8 else 0
+        pad = -head_dim % ATTENTION_HEAD_PADDING if implementation == "sdpa" and qkv.is_cuda and head_dim % 8 else 0
         if pad:
             qkv = F.pad(qkv, (0, pad))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim + pad)
-        x = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(head_dim) if pad else None)
-        return self.proj(x[..., :head_dim].transpose(1, 2).reshape(b, n, c))
+        x, weights = ATTENTION_FUNCTIONS[implementation](q, k, v, 1 / math.sqrt(head_dim))
+        return self.proj(x[..., :head_dim].transpose(1, 2).reshape(b, n, c)), weights
 
 
 class MambaVisionMLP(nn.Module):
@@ -333,12 +381,15 @@ class MambaVisionMLP(nn.Module):
 
 
 class MambaVisionBlock(nn.Module):
-    """Pre-norm residual block of levels 2-3 with a mixer or attention, then an MLP; optional layer scale."""
+    """Pre-norm residual block of levels 2-3 with a mixer or attention, then an MLP; optional layer scale.
+
+    Returns the tokens and the attention weights (None for a mixer block, or without ``output_attentions``).
+    """
 
     def __init__(self, config, dim, num_heads, use_attention, drop_path):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.mixer = MambaVisionAttention(dim, num_heads) if use_attention else MambaVisionMixer(config, dim)
+        self.mixer = MambaVisionAttention(config, dim, num_heads) if use_attention else MambaVisionMixer(config, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = MambaVisionMLP(dim, int(dim * config.mlp_ratio))
         scale = config.layer_scale
@@ -346,15 +397,19 @@ class MambaVisionBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x):
-        mixed = self.mixer(self.norm1(x))
+    def forward(self, x, output_attentions=False):
+        weights = None
+        if isinstance(self.mixer, MambaVisionAttention):
+            mixed, weights = self.mixer(self.norm1(x), output_attentions)
+        else:
+            mixed = self.mixer(self.norm1(x))
         if self.gamma_1 is not None:
             mixed = self.gamma_1 * mixed
         x = x + self.drop_path(mixed)
         mlp_out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             mlp_out = self.gamma_2 * mlp_out
-        return x + self.drop_path(mlp_out)
+        return x + self.drop_path(mlp_out), weights
 
 
 def attention_block_indices(depth):
@@ -374,7 +429,8 @@ class MambaVisionDownsample(nn.Module):
 class MambaVisionStage(GradientCheckpointingLayer):
     """One level: its blocks (windowed for levels 2-3) and the downsample that follows (levels 0-2).
 
-    Returns ``(next_level_input, stage_map)``; the stage map is taken before the downsample.
+    Returns ``(next_level_input, stage_map, attentions)``; the stage map is taken before the downsample;
+    ``attentions``: with ``output_attentions``, each attention block's weights (see ``MambaVisionEncoder``).
     """
 
     def __init__(self, config, level, drop_paths):
@@ -394,8 +450,8 @@ class MambaVisionStage(GradientCheckpointingLayer):
             )
         self.downsample = MambaVisionDownsample(dim) if level < 3 else None
 
-    def forward(self, x):
-        pad = 0
+    def forward(self, x, output_attentions=False):
+        pad, attentions = 0, ()
         if self.windowed:
             batch, _, height, width = x.shape
             # zero-pad right/bottom to whole windows; padded tokens take part, as in the original. Written as
@@ -405,7 +461,8 @@ class MambaVisionStage(GradientCheckpointingLayer):
             x = F.pad(x, (0, padded_width - width, 0, padded_height - height))
             x = window_partition(x, self.window)
             for block in self.blocks:
-                x = block(x)
+                x, weights = block(x, output_attentions)
+                attentions += (weights,) if weights is not None else ()
             x = window_reverse(x, self.window, batch, padded_height, padded_width)[:, :, :height, :width]
             stage_map = x
         else:
@@ -418,7 +475,7 @@ class MambaVisionStage(GradientCheckpointingLayer):
             stage_map = x[:, :channels]
         if self.downsample is not None:
             x = self.downsample(x, pad)
-        return x, stage_map
+        return x, stage_map, attentions
 
 
 class MambaVisionEncoder(nn.Module):
@@ -439,15 +496,19 @@ class MambaVisionEncoder(nn.Module):
             for level, width in enumerate(config.hidden_sizes):
                 self.add_module(f"outnorm{level}", LayerNorm2d(width, eps=1e-5))
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, output_attentions=False):
         """The stem's output and each level's output before its downsample (the last level has none), through
-        its ``outnorm`` when ``config.out_norm``."""
+        its ``outnorm`` when ``config.out_norm``; and with ``output_attentions`` the softmax weights of every
+        attention block in order, one tensor per block: (batch * windows, heads, window**2, window**2), windows
+        row-major over the map padded to whole windows, batch outermost, tokens row-major inside a window (as
+        ``window_partition`` orders them). Else ()."""
         x = self.patch_embed(pixel_values)
-        maps = [x]
+        maps, attentions = [x], ()
         for index, level in enumerate(self.levels):
-            x, stage_map = level(x)
+            x, stage_map, level_attentions = level(x, output_attentions=output_attentions)
             maps.append(getattr(self, f"outnorm{index}")(stage_map) if self.out_norms else stage_map)
-        return tuple(maps)
+            attentions += level_attentions
+        return tuple(maps), attentions
 
 
 class MambaVisionPooledEncoder(MambaVisionEncoder):
@@ -475,6 +536,7 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mambavision"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    _supports_sdpa = True  # config._attn_implementation picks MambaVisionAttention's function: "sdpa" or "eager"
     batchnorm_folded = False  # set by fold_batchnorm()
     _no_split_modules = ["MambaVisionConvBlock", "MambaVisionBlock"]
 
@@ -545,6 +607,15 @@ class MambaVisionPreTrainedModel(PreTrainedModel):
             raise RuntimeError(_FOLDED.format(action="save"))
         return super().save_pretrained(*args, **kwargs)
 
+    def _output_flags(self, output_hidden_states, output_attentions, return_dict):
+        """The call's output switches, each defaulting to the config's."""
+        config = self.config
+        return (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states,
+            output_attentions if output_attentions is not None else config.output_attentions,
+            return_dict if return_dict is not None else config.return_dict,
+        )
+
     def _prepare_pixel_values(self, pixel_values):
         """Check the shape and dtype; floating-point inputs are cast to the model's dtype, as transformers'
         vision models do (a float32 image batch into a bf16 model)."""
@@ -574,19 +645,19 @@ class MambaVisionModel(MambaVisionPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = MambaVisionPooledEncoder(config)
+        self.model = MambaVisionPooledEncoder(self.config)  # the config transformers set attn_implementation on
         self.post_init()
 
-    def forward(self, pixel_values, output_hidden_states=None, return_dict=None):
+    def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None):
         pixel_values = self._prepare_pixel_values(pixel_values)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
         )
-        maps = self.model(pixel_values)
+        maps, attentions = self.model(pixel_values, output_attentions=output_attentions)
         output = MambaVisionModelOutput(
             pooler_output=self.model.pool(maps[-1]), stage_maps=maps[1:],
             hidden_states=maps if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -596,20 +667,20 @@ class MambaVisionModelForImageClassification(MambaVisionPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = MambaVisionClassifierEncoder(config)
+        self.model = MambaVisionClassifierEncoder(self.config)
         self.post_init()
 
-    def forward(self, pixel_values, labels=None, output_hidden_states=None, return_dict=None):
+    def forward(self, pixel_values, labels=None, output_hidden_states=None, output_attentions=None, return_dict=None):
         pixel_values = self._prepare_pixel_values(pixel_values)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
         )
-        maps = self.model(pixel_values)
+        maps, attentions = self.model(pixel_values, output_attentions=output_attentions)
         logits = self.model.head(self.model.pool(maps[-1]))
         loss = image_classification_loss(labels, logits, self.config) if labels is not None else None
-        output = ImageClassifierOutputWithNoAttention(
-            loss=loss, logits=logits, hidden_states=maps if output_hidden_states else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=maps if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -622,26 +693,27 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
     norm and head are not built.
     """
 
-    has_attentions = False  # windowed attention runs fused; its weights are not returned
     _keys_to_ignore_on_load_unexpected = [r"^model\.norm\.", r"^model\.head\."]
 
     def __init__(self, config):
         super().__init__(config)
         if hasattr(self, "_init_backbone"):  # transformers < 5.1 sets the mixin up explicitly
             self._init_backbone(config)
-        self.model = MambaVisionEncoder(config)
+        self.model = MambaVisionEncoder(self.config)
         self.num_features = [config.dim, *config.hidden_sizes]  # channels per name in stage_names
         self.post_init()
 
     def forward(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None):
         pixel_values = self._prepare_pixel_values(pixel_values)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
         )
-        maps = self.model(pixel_values)
+        maps, attentions = self.model(pixel_values, output_attentions=output_attentions)
         feature_maps = tuple(m for name, m in zip(self.stage_names, maps) if name in self.out_features)
-        output = BackboneOutput(feature_maps=feature_maps, hidden_states=maps if output_hidden_states else None)
+        output = BackboneOutput(
+            feature_maps=feature_maps, hidden_states=maps if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
+        )
         return output if return_dict else output.to_tuple()
 
 

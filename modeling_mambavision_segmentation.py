@@ -111,7 +111,7 @@ class MambaVisionForSemanticSegmentation(MambaVisionPreTrainedModel):
                 raise ValueError("inference_mode='slide' gives logits only (no loss, no hidden states)")
             logits = self.slide_logits(pixel_values, crop_size, stride)
             return SemanticSegmenterOutput(logits=logits) if return_dict else (logits,)
-        maps = self.model(pixel_values)
+        maps, _ = self.model(pixel_values)  # the stem's output and the four stage maps; no attentions
         features = maps[1:]  # the four normalised stage maps, 1/4 to 1/32 of the input
         logits = self.resize(self.decode_head(features), pixel_values.shape[2:])
         loss = None
@@ -152,7 +152,7 @@ class MambaVisionForSemanticSegmentation(MambaVisionPreTrainedModel):
                 bottom, right = min(row * stride_h + crop_h, height), min(col * stride_w + crop_w, width)
                 top, left = max(bottom - crop_h, 0), max(right - crop_w, 0)
                 crop = pixel_values[:, :, top:bottom, left:right]
-                features = self.model(crop)[1:]
+                features = self.model(crop)[0][1:]
                 logits[:, :, top:bottom, left:right] += self.resize(self.decode_head(features), crop.shape[2:])
                 counts[:, :, top:bottom, left:right] += 1
         return logits / counts

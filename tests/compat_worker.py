@@ -13,6 +13,8 @@ point (``AutoBackbone.from_pretrained`` on a local folder from 5.1), the fallbac
 """
 
 import argparse
+import copy
+import pickle
 import sys
 import tempfile
 import warnings
@@ -64,6 +66,71 @@ def flat(output):
     return [t for item in output for t in flat(item)]
 
 
+def output_contract(model, pixels, scratch):
+    """``MambaVisionModel``'s output read every way users and libraries read it -> ``{"tensors": {way: the pooled
+    features then the four stage maps, as that way gives them}, "facts": {way: what else it must keep}}``.
+
+    NVIDIA's card unpacks it (``out_avg_pool, features = model(inputs)``); transformers' users read attributes,
+    keys, indices and tuples; accelerate, the Trainer, pytree (torch.export, torch.compile) read it as a mapping.
+    """
+    import torch.utils._pytree as pytree
+    from accelerate.utils import recursively_apply, send_to_device
+
+    try:  # the main environment's datasets, which the Trainer imports when it can, needs the newest huggingface_hub
+        import datasets  # noqa: F401
+    except ImportError:  # the Trainer runs without it, as where it is not installed (transformers reads its flag)
+        from transformers.utils import import_utils
+
+        sys.modules["datasets"] = None
+        import_utils._datasets_available = False
+    from transformers import Trainer, TrainingArguments
+
+    model.eval()
+    with torch.no_grad():
+        out = model(pixels)
+        out_avg_pool, features = out  # NVIDIA's card, as written
+        as_tuple = model(pixels, return_dict=False)
+        with_hidden = model(pixels, output_hidden_states=True)
+        pooled_h, maps_h, hidden = with_hidden
+        exported = torch.export.export(model, (pixels,)).module()(pixels)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(pixels)
+    copied, pickled = copy.deepcopy(out), pickle.loads(pickle.dumps(out))
+    moved = send_to_device(out, "cpu")
+    doubled = recursively_apply(lambda t: t * 2, out)
+    leaves, spec = pytree.tree_flatten(out)
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    trainer = Trainer(model=model, args=TrainingArguments(str(scratch), report_to=[]))
+    _, predicted, _ = trainer.prediction_step(model, {"pixel_values": pixels}, prediction_loss_only=False)
+    tensors = {
+        "unpacked": [out_avg_pool, *features],
+        "attributes": [out.pooler_output, *out.stage_maps],
+        "keys": [out["pooler_output"], *out["stage_maps"]],
+        "indices": [out[0], *out[1]],
+        "to_tuple": flat(out.to_tuple()),
+        "items": [t for _, value in out.items() for t in flat(value)],
+        "values": [t for value in out.values() for t in flat(value)],
+        "return_dict_false": flat(as_tuple),
+        "hidden_states_unpacked": [pooled_h, *maps_h],
+        "hidden_states": list(hidden),
+        "deepcopy": flat(copied),
+        "pickle": flat(pickled),
+        "send_to_device": flat(moved),
+        "recursively_apply": [t / 2 for t in flat(doubled)],
+        "pytree": flat(rebuilt),
+        "torch_export": flat(exported),
+        "torch_compile": flat(compiled),
+        "trainer_prediction_step": flat(predicted),
+    }
+    outputs = {"deepcopy": copied, "pickle": pickled, "send_to_device": moved, "recursively_apply": doubled, "pytree": rebuilt, "torch_export": exported,
+               "torch_compile": compiled, "model": out}
+    facts = {way: [type(value).__name__, list(value.keys())] for way, value in outputs.items()}
+    facts["return_dict_false"] = [type(as_tuple).__name__, len(as_tuple)]
+    facts["hidden_states_keys"] = list(with_hidden.keys())
+    facts["pytree_leaves"] = len(leaves)
+    return {"tensors": tensors, "facts": facts}
+
+
 def run(folder, hub_repo_id=None):
     """Everything, on the transformers imported here; returns the results (tensors, lists, strings)."""
     import transformers
@@ -101,6 +168,15 @@ def run(folder, hub_repo_id=None):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         results["model"] = flat(model.eval()(pixels))
+    with tempfile.TemporaryDirectory() as scratch:
+        results["contract"] = output_contract(model, pixels, scratch)
+    results["attention"] = {}
+    for implementation in ("sdpa", "eager"):  # attn_implementation as from_pretrained takes it on this release
+        chosen = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
+                                                                 attn_implementation=implementation).eval()
+        with torch.no_grad():  # sdpa: the logits; eager: the logits and each attention block's weights
+            outputs = chosen(pixels, output_attentions=implementation == "eager")
+        results["attention"][implementation] = [chosen.config._attn_implementation, flat(outputs)]
 
     results["backbone_loader"] = "AutoBackbone"
     try:

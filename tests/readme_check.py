@@ -1,15 +1,22 @@
 """Run the README's code blocks as written, in document order, on a fresh copy of the repository, offline.
 
     .venv/bin/python tests/readme_check.py [README.md]      # prints each block's outcome; exit 1 if one fails
+    .venv/bin/python tests/readme_check.py --card VARIANT   # the model card rendered for a converted folder
+
+A Markdown file other than the README runs the same way (tests/nvidia_card_snippets.md: NVIDIA's model-card usage).
+``--card`` renders ``model_cards/mambavision.md`` for the variant's entry (mambavision_tools/variants.py), as the
+converter does, for the tiny placeholder folder, saves it there as the folder's README.md and runs its blocks.
 
 ```python blocks run each in a fresh namespace: a block defines every name it uses (a name left undefined fails,
 as it would for a reader who copies that block alone). ```bash blocks run with bash in the copy's root, after the
 install command (the copy uses this checkout's .venv). Blocks in other languages, or none (sample output), are text.
 The files the README leaves to the reader are provided, never names:
 
-- ``converted/MambaVision-T-1K`` (convert_checkpoint.py's output) and Hub model ids (``nvidia/MambaVision-...``):
-  a tiny converted folder (random weights, ImageNet head).
-- ``cat.jpg``: a photo file in the working folder.
+- ``converted/MambaVision-T-1K`` (convert_checkpoint.py's output), Hub model ids (``nvidia/MambaVision-...``) and
+  the rendered card's repo id: a tiny converted folder (random weights, ImageNet head).
+- ``cat.jpg``, ``image.png``: photo files in the working folder; images on the web (``requests.get`` of an image
+  URL): ``cat.jpg``'s bytes. Any other request fails.
+- ``.cuda()`` on a machine without CUDA: left out (the model and tensors stay on the CPU).
 - ``pets/train``, ``pets/val``: ImageFolder trees (a folder of images per class); ``photos/``: a folder of images.
 
 A block that cannot run here says why on the line before it, ``<!-- readme-check: skip: REASON -->`` (an
@@ -30,6 +37,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from io import BytesIO  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +45,8 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 SKIP = re.compile(r"<!--\s*readme-check:\s*skip:\s*(.*?)\s*-->")
 HUB_ID = re.compile(r"\bnvidia/MambaVision-[\w.-]+")
 INSTALLS = re.compile(r"scripts/install\.sh|pip install|pytest")  # would change .venv, or run the suite itself
+IMAGE_URL = re.compile(r"^https?://\S+\.(jpe?g|png)$", re.IGNORECASE)
+CUDA_CALL = re.compile(r"\.cuda\(\)")
 RUNNABLE = ("python", "bash")
 BASH_TIMEOUT = 600
 
@@ -91,7 +101,9 @@ def provide_placeholders(workdir):
     folder = save_tiny_folder(workdir / "converted" / "MambaVision-T-1K", config)
 
     pictures = iter(sample_images([(48, 40)] * (1 + 2 * 2 * 3 + 5)))  # each one different
-    next(pictures).save(workdir / "cat.jpg")
+    picture = next(pictures)
+    picture.save(workdir / "cat.jpg")
+    picture.save(workdir / "image.png")
     for split in ("train", "val"):
         for label in ("cat", "dog"):
             (workdir / "pets" / split / label).mkdir(parents=True)
@@ -103,7 +115,10 @@ def provide_placeholders(workdir):
     return folder
 
 
-def with_hub_ids_replaced(code, folder):
+def with_hub_ids_replaced(code, folder, hub_ids=()):
+    """``code`` with NVIDIA's Hub ids and each of ``hub_ids`` replaced by the local ``folder``."""
+    for hub_id in hub_ids:
+        code = code.replace(hub_id, str(folder))
     return HUB_ID.sub(str(folder), code)
 
 
@@ -117,8 +132,44 @@ def run_python(code, where):
     return None
 
 
-def run(readme=ROOT / "README.md", log=print):
-    """Run every block of ``readme``; returns (failures, skipped): lists of (block, message).
+def for_this_machine(code):
+    """``code`` without its ``.cuda()`` calls where CUDA is missing (snippets written for a GPU run on the CPU)."""
+    import torch
+
+    return code if torch.cuda.is_available() else CUDA_CALL.sub("", code)
+
+
+def serve_images_locally(picture):
+    """``requests.get`` of an image URL answers with the bytes of the file ``picture``; any other URL raises."""
+    import requests
+
+    def get(url, *args, **kwargs):
+        if not IMAGE_URL.match(str(url)):
+            raise requests.ConnectionError(f"readme_check runs offline: {url} is not an image it serves")
+        response = requests.Response()
+        response.status_code, response.url = 200, url
+        response.raw = BytesIO(Path(picture).read_bytes())
+        return response
+
+    requests.get = get
+
+
+def render_card(variant_name, folder):
+    """The model card of ``variant_name``'s entry rendered for the model in ``folder``, saved there as README.md;
+    returns (its text, its repo id)."""
+    from mambavision_tools import publishing, variants
+    from mambavision_tools.hub_folder import modeling
+
+    variant = {**variants.VARIANTS, **variants.PROJECT_VARIANTS}[variant_name]
+    model = modeling.MambaVisionModelForImageClassification.from_pretrained(folder)
+    card = publishing.render_model_card(variant, model, variant.repo_id)
+    card.save(Path(folder) / "README.md")
+    return card.content, variant.repo_id
+
+
+def run(readme=ROOT / "README.md", log=print, card=None):
+    """Run every block of ``readme`` (or of the model card of variant ``card``, rendered for the placeholder
+    folder); returns (failures, skipped): lists of (block, message).
 
     The Hugging Face home (where transformers writes remote-code modules) becomes the scratch folder, for the
     python blocks too: so this runs in a process that has not imported transformers yet (this script's).
@@ -126,7 +177,6 @@ def run(readme=ROOT / "README.md", log=print):
     if {"huggingface_hub", "transformers"} & set(sys.modules):
         raise RuntimeError("readme_check.run() must come before huggingface_hub and transformers are imported: "
                            "they read HF_HOME once, and the blocks' modules would go to the user's cache")
-    all_blocks = [b for b in blocks(Path(readme).read_text()) if b.language in RUNNABLE]
     failures, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="readme-check-") as scratch:
         workdir = Path(scratch) / "MambaVision"
@@ -136,8 +186,15 @@ def run(readme=ROOT / "README.md", log=print):
         home = Path(scratch) / "hf"
         os.environ.update(HF_HOME=str(home), HF_MODULES_CACHE=str(home / "modules"))  # bash blocks inherit it
         folder = provide_placeholders(workdir)
-        for block in all_blocks:
-            where = f"README.md line {block.line} ({block.language})"
+        serve_images_locally(workdir / "cat.jpg")
+        if card:
+            text, repo_id = render_card(card, folder)
+            hub_ids = [repo_id]
+            document = f"the model card of {card}"
+        else:
+            text, hub_ids, document = Path(readme).read_text(), [], Path(readme).name
+        for block in (b for b in blocks(text) if b.language in RUNNABLE):
+            where = f"{document} line {block.line} ({block.language})"
             if block.skip:
                 skipped.append((block, block.skip))
                 log(f"skip  {where}: {block.skip}")
@@ -148,7 +205,7 @@ def run(readme=ROOT / "README.md", log=print):
                 log(f"FAIL  {where}: {message}")
                 continue
             start = time.monotonic()
-            code = with_hub_ids_replaced(block.code, folder)
+            code = for_this_machine(with_hub_ids_replaced(block.code, folder, hub_ids))
             if block.language == "python":
                 message = run_python(code, where)
             else:
@@ -166,6 +223,9 @@ def run(readme=ROOT / "README.md", log=print):
 
 
 if __name__ == "__main__":
-    failures, skipped = run(sys.argv[1] if len(sys.argv) > 1 else ROOT / "README.md")
+    if sys.argv[1:2] == ["--card"]:
+        failures, skipped = run(card=sys.argv[2])
+    else:
+        failures, skipped = run(sys.argv[1] if len(sys.argv) > 1 else ROOT / "README.md")
     print(f"{len(failures)} failed, {len(skipped)} skipped (marked)")
     sys.exit(1 if failures else 0)

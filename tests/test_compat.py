@@ -181,6 +181,22 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, segmentation_
     model_files = sorted(set(modeling.HUB_FILES) - {"image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
                                                      "image_processing_mambavision_segmentation.py"})
 
+    mappings = ("deepcopy", "pickle", "send_to_device", "recursively_apply", "pytree", "torch_export", "torch_compile")
+    ways = ("unpacked", "attributes", "keys", "indices", "to_tuple", "items", "values", "return_dict_false",
+            "hidden_states_unpacked", *mappings, "trainer_prediction_step")
+    mapping = ["MambaVisionModelOutput", ["pooler_output", "stage_maps"]]
+    contract = {  # every way of reading MambaVisionModel's output gives the pooled features and stage maps
+        "tensors": {**{way: [pooled, *maps[1:]] for way in ways}, "hidden_states": list(maps)},
+        "facts": {**{way: mapping for way in (*mappings, "model")},
+                  "return_dict_false": ["tuple", 2], "hidden_states_keys": ["pooler_output", "stage_maps", "hidden_states"],
+                  "pytree_leaves": 1 + len(maps[1:])},
+    }
+
+    with torch.no_grad():
+        fused = [model(pixels).logits]  # the default, sdpa
+        attended = compat_worker.flat(model(pixels, output_attentions=True))  # eager: logits, each block's weights
+    assert len(attended) > 1 and all(torch.allclose(w.sum(-1), torch.ones(())) for w in attended[1:])
+
     def top3(logits):
         top = logits.softmax(-1).topk(3)
         return [{"label": config.id2label[i], "score": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -192,6 +208,8 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, segmentation_
         "modes": {kind: transform(rgb)[None] for kind, (_, rgb) in compat_worker.image_inputs(picture).items()},
         "classifier": compat_worker.flat(classified),  # loss, logits, hidden states
         "model": [pooled, *maps[1:]],
+        "contract": contract,
+        "attention": {"sdpa": ["sdpa", fused], "eager": ["eager", attended]},
         "backbone_channels": [maps[index].shape[1] for index in compat_worker.OUT_INDICES],
         "backbone": [maps[index] for index in compat_worker.OUT_INDICES],
         # the picture, its grey version, and that as a 16-bit image: its 8-bit picture, not a white one

@@ -66,14 +66,21 @@ def test_model_output_is_a_mapping_and_unpacks_as_a_tuple():
     pixels = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         out = model(pixels)
-        pooled, stage_maps = model(pixels, return_dict=False)  # NVIDIA's usage
-    assert list(out) == ["pooler_output", "stage_maps"]  # ModelOutput's mapping contract: keys
+        pooled, stage_maps = model(pixels)  # NVIDIA's usage, as written
+        tuple_pooled, tuple_maps = model(pixels, return_dict=False)
+        three = list(model(pixels, output_hidden_states=True))
+    assert list(out.keys()) == ["pooler_output", "stage_maps"] and list(dict(out)) == list(out.keys())
+    assert [key for key, _ in out.items()] == list(out.keys()) and list({**out}) == list(out.keys())
+    assert len(out) == 2 and len(three) == 3 and len(three[2]) == 5  # pooled, maps, hidden states
     assert out.pooler_output.shape == (2, 64)
     assert [tuple(s.shape) for s in out.stage_maps] == [(2, 8, 16, 12), (2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
     assert out.last_hidden_state is out.stage_maps[-1]
-    torch.testing.assert_close(pooled, out.pooler_output, rtol=0, atol=0)
-    for got, want in zip(stage_maps, out.stage_maps, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert out[0] is out["pooler_output"] is out.pooler_output is out.to_tuple()[0]
+    for unpacked in (pooled, tuple_pooled):
+        torch.testing.assert_close(unpacked, out.pooler_output, rtol=0, atol=0)
+    for maps in (stage_maps, tuple_maps):
+        for got, want in zip(maps, out.stage_maps, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_hidden_states_are_the_stem_and_stage_maps_in_every_class():

@@ -112,7 +112,7 @@ def test_segmentation_model_matches_nvidia_mmseg_model():
     for size in SEG_SIZES:
         pixels = expected[f"input_{size}"]
         with torch.no_grad():
-            features = model.model(pixels)[1:]
+            features = model.model(pixels)[0][1:]
             outputs = {f"feature{i}": feature for i, feature in enumerate(features)}
             outputs["decode_logits"] = model.decode_head(features)
             outputs["aux_logits"] = model.auxiliary_head(features)
@@ -245,7 +245,7 @@ def test_loss_is_mmseg_cross_entropy_with_auxiliary_weight_and_ignored_pixels():
     labels[:, :10] = 255
     with torch.no_grad():
         output = model(pixels, labels=labels)
-        features = model.model(pixels)[1:]
+        features = model.model(pixels)[0][1:]
         aux = torch.nn.functional.interpolate(model.auxiliary_head(features), size=(64, 64), mode="bilinear")
         keep = labels != 255
 

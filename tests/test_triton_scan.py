@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, model_code, assert_close_relative, load_fixture, modeling, needs_shared
+from conftest import ROOT, model_code, assert_close_relative, load_fixture, modeling, needs_shared, tiny_config
 
 triton_missing = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -208,7 +208,9 @@ def test_padded_attention_matches_unpadded_on_gpu(dtype):
     computation, which takes the unpadded path, within the dtype's tolerance."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    attention = modeling.MambaVisionAttention(98, 2)  # head size 49
+    config = tiny_config()
+    config._attn_implementation = "sdpa"  # the fused path, which pads
+    attention = modeling.MambaVisionAttention(config, 98, 2)  # head size 49
     tokens = torch.randn(3, 100, 98)
     errors = {}
     outputs = {}
@@ -216,7 +218,7 @@ def test_padded_attention_matches_unpadded_on_gpu(dtype):
         layer = attention.to(device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
         x = tokens.to(device=device, dtype=torch.float64 if device == "cpu" else torch.float32).requires_grad_()
         with torch.autocast("cuda", dtype=run_dtype, enabled=run_dtype == torch.bfloat16):
-            out = layer(x)
+            out, _ = layer(x)
         grads = torch.autograd.grad(out.float().sum() if device == "cuda" else out.sum(), [x, layer.qkv.weight])
         outputs[device] = [t.detach().double().cpu() for t in (out, *grads)]
     for name, got, want in zip(("out", "d_input", "d_qkv_weight"), outputs["cuda"], outputs["cpu"]):
