@@ -22,10 +22,20 @@ FOLDER_FILES = re.compile(r"config\.json|preprocessor_config\.json|README\.md|mo
 def save_model_folder(model, folder, max_shard_size="2GB"):
     """``save_pretrained`` plus the model code, the ``auto_map`` entries and the image processor of the config's
     preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code."""
-    folder = Path(folder)
-    model.config.auto_map = dict(CONFIG_AUTO_MAP)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
     processor = model_code.load("image_processing_mambavision").MambaVisionImageProcessor.from_model_config(model.config)
+    _save_folder(model, processor, folder, CONFIG_AUTO_MAP, max_shard_size)
+
+
+def save_detector_folder(model, processor, folder, max_shard_size="2GB"):
+    """A ``MambaVisionForObjectDetection`` folder: ``save_pretrained``, the model code, the detector's ``auto_map``
+    and its image processor (transformers' ``DeformableDetrImageProcessor``), so it loads with trust_remote_code."""
+    _save_folder(model, processor, folder, modeling.DETECTION_AUTO_MAP, max_shard_size)
+
+
+def _save_folder(model, processor, folder, auto_map, max_shard_size):
+    folder = Path(folder)
+    model.config.auto_map = dict(auto_map)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     processor.save_pretrained(folder)
     for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
         shutil.copy2(model_code.ROOT / name, folder / name)
