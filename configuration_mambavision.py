@@ -63,6 +63,8 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             ``INTERPOLATIONS``).
         out_features, out_indices: the maps ``MambaVisionBackbone`` returns, by name in ``stage_names``
             (``"stem"``, ``"stage1"`` ... ``"stage4"``) or by index; default: the last stage.
+        out_norm: a LayerNorm over channels (eps 1e-5, weights ``outnorm{i}``) on each of the four stage maps, as
+            NVIDIA's segmentation and detection backbones add; off for the classifiers.
     """
 
     model_type = "mambavision"
@@ -91,6 +93,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         interpolation="bicubic",
         out_features=None,
         out_indices=None,
+        out_norm=False,
         **kwargs,
     ):
         self.depths = list(depths)
@@ -113,6 +116,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         self.crop_pct = crop_pct
         self.crop_mode = crop_mode
         self.interpolation = interpolation
+        self.out_norm = out_norm
         self._validate()
         kwargs.pop("stage_names", None)  # written by to_dict, always the same
         self.stage_names = list(STAGE_NAMES)
@@ -183,6 +187,8 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 raise ValueError(f"MambaVisionConfig: `{name}` must be a finite number or None, got {value!r}")
+        if not isinstance(self.out_norm, bool):
+            raise ValueError(f"MambaVisionConfig: `out_norm` must be true or false, got {self.out_norm!r}")
         check_backend_name(self.scan_backend, "MambaVisionConfig: `scan_backend`")
         for name in ("mean", "std"):
             values = getattr(self, name)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from packaging import version
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedModel
@@ -435,14 +435,19 @@ class MambaVisionEncoder(nn.Module):
             MambaVisionStage(config, level, rates[start : start + depth])
             for level, (start, depth) in enumerate(zip(starts, config.depths))
         )
+        self.out_norms = config.out_norm
+        if config.out_norm:  # NVIDIA's dense-prediction backbones: their names, their eps (not timm's 1e-6)
+            for level, width in enumerate(config.hidden_sizes):
+                self.add_module(f"outnorm{level}", LayerNorm2d(width, eps=1e-5))
 
     def forward(self, pixel_values):
-        """The stem's output and each level's output before its downsample (the last level has none)."""
+        """The stem's output and each level's output before its downsample (the last level has none), through
+        its ``outnorm`` when ``config.out_norm``."""
         x = self.patch_embed(pixel_values)
         maps = [x]
-        for level in self.levels:
+        for index, level in enumerate(self.levels):
             x, stage_map = level(x)
-            maps.append(stage_map)
+            maps.append(getattr(self, f"outnorm{index}")(stage_map) if self.out_norms else stage_map)
         return tuple(maps)
 
 

@@ -23,17 +23,17 @@ modeling = model_code.load("modeling_mambavision")
 # Original constructor arguments -> config fields (same names except the class count).
 ARGUMENT_RENAMES = {"num_classes": "num_labels"}
 ARCHITECTURE_FIELDS = ("depths", "num_heads", "window_size", "dim", "in_dim", "mlp_ratio", "drop_path_rate",
-                       "layer_scale", "layer_scale_conv")
+                       "layer_scale", "layer_scale_conv", "out_norm")
 # Fields of a ``Variant`` of their own (the rest of a --config file is its architecture).
 PREPROCESSING_FIELDS = ("image_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 # what --config accepts: MambaVisionConfig's own arguments and the label fields
 CONFIG_FIELDS = set(inspect.signature(MambaVisionConfig.__init__).parameters) - {"self", "kwargs"}
 CONFIG_FIELDS |= {"num_labels", "id2label", "label2id"}
 
-# The converter's bounds, generous around NVIDIA's largest (20 blocks in a level, windows of 32, 512 pixels, 740M
-# parameters) and ImageNet-21k's 21,841 classes.
+# The converter's bounds, generous around NVIDIA's largest (20 blocks in a level, windows of 160 in segmentation,
+# 512 pixels, 740M parameters) and ImageNet-21k's 21,841 classes.
 MAX_BLOCKS_PER_LEVEL = 64
-MAX_WINDOW = 128
+MAX_WINDOW = 512
 MAX_IMAGE_SIZE = 4096
 MAX_PARAMETERS = 2 * 10**9
 MAX_LABELS = 10**6

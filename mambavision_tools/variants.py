@@ -92,6 +92,15 @@ LARGE2_512 = _architecture(196, 64, [3, 3, 12, 5], [4, 8, 16, 32], [8, 8, 32, 16
 LARGE3_256 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 16, 8], 0.5, 1e-5)
 LARGE3_512 = _architecture(256, 64, [3, 3, 20, 10], [4, 8, 16, 32], [8, 8, 32, 16], 0.5, 1e-5)
 
+# NVIDIA's ADE20K UPerNet backbones (semantic_segmentation/configs/mamba_vision/*.py): the classifiers'
+# architectures with the windows of those configs (larger than the 1/16 and 1/32 maps, which are padded up to them),
+# per-output norms, and MambaVision's default drop-path rate (MM_mamba_vision passes the configs' rates on to nothing).
+SEGMENTATION_BACKBONE = {"out_norm": True, "drop_path_rate": 0.2}
+TINY_SEGMENTATION = {**TINY, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
+SMALL_SEGMENTATION = {**SMALL, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 160, 56]}
+BASE_SEGMENTATION = {**BASE, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
+LARGE3_SEGMENTATION = {**LARGE3_512, **SEGMENTATION_BACKBONE, "window_size": [8, 8, 64, 32]}
+
 IN1K = "Trained from scratch on ImageNet-1K at 224x224."
 IN21K = ("Pretrained on ImageNet-21K, then fine-tuned on ImageNet-1K at {size}x{size}; it predicts the 1,000 "
          "ImageNet-1K classes.")
