@@ -46,6 +46,13 @@ try:  # transformers >= 5.1 renamed Deformable DETR's modules and maps checkpoin
 except ImportError:
     _RENAMES = None
 
+try:  # transformers >= 4.46 picks a model's loss by its class name, which would give this class DETR's
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    DEFORMABLE_DETR_LOSS = LOSS_MAPPING["DeformableDetrForObjectDetection"]
+except (ImportError, KeyError):  # earlier: Deformable DETR's forward computes its own loss
+    DEFORMABLE_DETR_LOSS = None
+
 
 class MambaVisionDetectionConfig(DeformableDetrConfig):
     r"""Deformable DETR's configuration with a MambaVision backbone (``backbone_config``, a ``MambaVisionConfig``
@@ -97,6 +104,13 @@ class MambaVisionForObjectDetection(LegacyGammaLoading, DeformableDetrForObjectD
         parent, name = next((parent, name) for parent in self.modules() for name, child in parent.named_children()
                             if isinstance(child, MambaVisionBackbone))
         setattr(parent, name, MambaVisionBackbone(config.backbone_config))
+
+    if DEFORMABLE_DETR_LOSS is not None:
+
+        @property
+        def loss_function(self):
+            """Deformable DETR's loss (sigmoid focal classification, L1 and GIoU boxes, Hungarian matching)."""
+            return DEFORMABLE_DETR_LOSS
 
     @property
     def backbone(self):

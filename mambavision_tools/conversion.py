@@ -9,11 +9,13 @@ import torch
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from . import model_code
 from .checkpoints import check_state_dict, convert_state_dict, read_checkpoint
 from .configs import build_config
 from .hub_folder import CARD, files_not_written_here, is_model_folder, save_model_folder
+from .mmlab import split_backbone
 from .publishing import render_model_card
 from .report import ConversionError, first_line, listing, progress
 from .staging import output_lock, staged_folder
@@ -48,6 +50,35 @@ def build_model(config, original_state_dict, what):
     return model.eval()
 
 
+# What an mmdetection detector holds beside its backbone (Cascade Mask R-CNN: FPN neck, RPN, cascade RoI heads)
+DETECTOR_PARTS = ("neck.", "rpn_head.", "roi_head.", "bbox_head.", "mask_head.")
+
+
+def build_detection_backbone(config, original_state_dict, what):
+    """The ``MambaVisionBackbone`` holding an mmdetection detector's ``backbone.*`` tensors (float32), after checking
+    that the file is such a detector (not a classifier, not an mmsegmentation model) and every backbone tensor."""
+    backbone_state, rest = split_backbone(original_state_dict)
+    if not backbone_state:
+        hint = " (it holds a classifier's head.*: convert it with a classification variant)" if any(
+            key.startswith("head.") for key in original_state_dict) else ""
+        raise ConversionError(f"the checkpoint does not fit {what}: it holds no mmdetection backbone.* tensors{hint}")
+    foreign = sorted(key for key in rest if not key.startswith(DETECTOR_PARTS))
+    if foreign:
+        kind = " (an mmsegmentation model's heads: use a segmentation variant)" if any(
+            key.startswith(("decode_head.", "auxiliary_head.")) for key in foreign) else ""
+        raise ConversionError(f"the checkpoint does not fit {what}: besides the backbone it holds {len(foreign)} "
+                              f"tensor(s) that are no part of an mmdetection detector{kind}: {listing(foreign)}")
+    modeling = model_code.load("modeling_mambavision")
+    with torch.device("meta"):
+        model = modeling.MambaVisionBackbone(config)
+    progress(f"checking {len(backbone_state)} backbone tensors against {what} ({len(rest)} detector-head tensors "
+             "left out)")
+    check_state_dict(model.state_dict(), backbone_state, what)
+    backbone_state = {key: t.float() if t.is_floating_point() else t for key, t in backbone_state.items()}
+    model.load_state_dict(backbone_state, strict=True, assign=True)
+    return model.eval()
+
+
 def check_output_dir(output_dir, overwrite=False, force=False, checkpoint=None):
     """Refuse an output path that converting must not replace.
 
@@ -79,11 +110,20 @@ def _relative_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
-    """Reload ``folder`` as the Hub would (AutoModelForImageClassification, trust_remote_code) and compare outputs."""
+def _reload(folder, model):
+    """``folder`` loaded as the Hub would, by the Auto class of its model (trust_remote_code), with loading info.
+    A backbone loads through its class in the folder: transformers >= 5.1's AutoBackbone asks the Hub first."""
+    if isinstance(model, model_code.load("modeling_mambavision").MambaVisionBackbone):
+        progress("verifying: reloading the folder's MambaVisionBackbone (its AutoBackbone entry)")
+        backbone_class = get_class_from_dynamic_module(model.config.auto_map["AutoBackbone"], folder)
+        return backbone_class.from_pretrained(folder, output_loading_info=True)
     progress("verifying: reloading with AutoModelForImageClassification.from_pretrained(trust_remote_code=True)")
-    reloaded, info = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True,
-                                                                     output_loading_info=True)
+    return AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+
+
+def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
+    """Reload ``folder`` as the Hub would (see ``_reload``) and compare outputs."""
+    reloaded, info = _reload(folder, model)
     problems = {key: info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:
         raise ConversionError(f"verification failed: reloading reported {problems}")
@@ -92,7 +132,7 @@ def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE):
     with torch.no_grad():
         expected = model(pixels, output_hidden_states=True)
         actual = reloaded.eval()(pixels, output_hidden_states=True)
-    pairs = [("logits", actual.logits, expected.logits)]
+    pairs = [("logits", actual.logits, expected.logits)] if hasattr(expected, "logits") else []
     pairs += [(f"hidden state {i}", a, e) for i, (a, e) in enumerate(zip(actual.hidden_states, expected.hidden_states))]
     worst = 0.0
     for name, a, e in pairs:
@@ -130,7 +170,8 @@ def convert(variant, checkpoint, output_dir, *, config=None, repo_id=None, overw
     config = config if config is not None else build_config(variant)
     with output_lock(output_dir) as target:
         check_output_dir(target, overwrite, force, checkpoint)  # now that no other converter writes it
-        model = build_model(config, read_checkpoint(checkpoint), variant.name)
+        build = build_detection_backbone if variant.layout == "mmdet" else build_model
+        model = build(config, read_checkpoint(checkpoint), variant.name)
         with staged_folder(target, replace=overwrite or force) as folder:
             progress(f"writing {folder.name}: config, weights (safetensors shards up to {max_shard_size}), code, card")
             _write_folder(folder, model, variant, repo_id or variant.repo_id, max_shard_size)
