@@ -828,7 +828,7 @@ def test_list_variants(capsys):
     status, out, err = run(["--list-variants"], capsys)
     assert status == 0
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == [*VARIANTS, *PROJECT_VARIANTS]  # every name --variant takes
+    assert [line.split()[0] for line in lines] == [*VARIANTS, *variants.DETECTION_VARIANTS, *PROJECT_VARIANTS]
     assert len(VARIANTS) == 11
     assert "trained in this repository" in lines[-1] and "not part of --all" in lines[-1]
 
