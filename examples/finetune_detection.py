@@ -131,15 +131,19 @@ def load_data(args):
     if args.dataset:
         import datasets
 
-        try:
-            splits = datasets.load_dataset(args.dataset)
+        try:  # a folder written by save_to_disk, or anything load_dataset reads (a Hub id, a data folder)
+            saved = (Path(args.dataset) / "dataset_dict.json").is_file()
+            splits = datasets.load_from_disk(args.dataset) if saved else datasets.load_dataset(args.dataset)
         except (OSError, ValueError) as error:
             fail(f"cannot load the dataset {args.dataset}: {first_line(error)}")
         train = splits[args.train_split]
         if "objects" not in train.column_names or "image" not in train.column_names:
             fail(f"the dataset {args.dataset} needs 'image' and 'objects' columns (it has {', '.join(train.column_names)})")
-        labels = train.features["objects"].feature["category"].names if hasattr(
-            train.features["objects"], "feature") else train.features["objects"]["category"].feature.names
+        objects = train.features["objects"]  # a Sequence of a dict (cppe-5), or a dict of lists
+        category = objects.feature["category"] if hasattr(objects, "feature") else objects["category"].feature
+        labels = getattr(category, "names", None)
+        if labels is None:
+            fail(f"the dataset {args.dataset}'s objects.category is not a ClassLabel: class names are needed")
         evaluation = DatasetRows(splits[args.eval_split]) if args.eval_split else None
         return DatasetRows(train), evaluation, list(labels)
     train = CocoFolder(args.train_images, args.train_annotations)
@@ -276,6 +280,8 @@ def parse_arguments(argv):
     parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
     args = parser.parse_args(argv)
+    if args.layers < 2:  # transformers 5.x fails to build Deformable DETR with one decoder layer
+        parser.error("--layers must be at least 2")
     if args.train_images and not args.train_annotations:
         parser.error("--train-images needs --train-annotations")
     if bool(args.eval_images) != bool(args.eval_annotations):
@@ -320,6 +326,7 @@ def run(args):
         output_dir = Path(args.output_dir)
         hub_folder.save_detector_folder(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir)
         trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json: the logged losses
         repo_id = args.push_to_hub or output_dir.name
         model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
         summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""

@@ -10,17 +10,21 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
-from transformers import DeformableDetrImageProcessor
+from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 import detection_worker
-from conftest import FIXTURES, TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, needs_shared
+import finetune_detection
+import shapes
+from conftest import (FIXTURES, TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling,
+                      needs_shared)
 from convert_checkpoint import main as convert_main
 from mambavision_tools import variants
 from mambavision_tools.configs import build_config, config_from_architecture
-from mambavision_tools.hub_folder import save_detector_folder
+from mambavision_tools.hub_folder import save_detector_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
 from test_compat import VERSIONS, site
 from mambavision_tools.variants import Variant
@@ -242,3 +246,72 @@ def test_coco_variant_refuses_other_checkpoints(given, fragments, coco_variant, 
     assert status != 0 and len(err) == 1 and err[0].startswith("error: "), err
     assert all(fragment in err[0] for fragment in fragments), err[0]
     assert not any((tmp_path / "out").iterdir())  # nothing written
+
+
+# --- fine-tuning: examples/finetune_detection.py ---------------------------------------------------------------
+
+# The learning run (generated squares and discs, 64x64, a random tiny backbone under a small head, 200 steps):
+# measured 0.051 held-out mAP@0.5 (0.019 mAP) and a training loss from 6.0 to 3.4; an untrained head scores ~0.
+# A modest bar: DETR-style heads need far more steps than CI affords to place boxes well.
+MIN_HELD_OUT_MAP50 = 0.03
+LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--d-model", "32", "--layers", "2", "--queries", "8",
+                "--max-steps", "200", "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate",
+                "1e-3", "--num-workers", "0", "--logging-steps", "20", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def backbone_folder(tmp_path_factory):
+    """A tiny random MambaVision folder with per-output norms (what a converted COCO backbone is, at tiny size)."""
+    config = configuration.MambaVisionConfig(depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 4], window_size=[8, 8, 8, 4],
+                                             dim=16, in_dim=16, mlp_ratio=2.0, drop_path_rate=0.0, out_norm=True,
+                                             num_labels=2)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("backbone") / "tiny-backbone"
+    save_model_folder(modeling.MambaVisionModelForImageClassification(config).eval(), folder)
+    return folder
+
+
+def test_finetune_detection_learns_generated_shapes(backbone_folder, tmp_path):
+    """Held-out box mAP@0.5 above MIN_HELD_OUT_MAP50 after 200 steps; the folder reloads as a detector."""
+    train = shapes.write_coco_folder(tmp_path / "train", 160, size=64, seed=0)
+    held_out = shapes.write_coco_folder(tmp_path / "held_out", 40, size=64, seed=1)
+    output = tmp_path / "detector"
+    finetune_detection.main(["--backbone", str(backbone_folder), "--train-images", str(train / "images"),
+                             "--train-annotations", str(train / "annotations.json"),
+                             "--eval-images", str(held_out / "images"),
+                             "--eval-annotations", str(held_out / "annotations.json"),
+                             "--output-dir", str(output), *LEARNING_RUN])
+    metrics = json.loads((output / "all_results.json").read_text())
+    assert metrics["eval_map_50"] > MIN_HELD_OUT_MAP50, metrics
+    losses = [entry["loss"] for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
+              if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0], losses
+    model = AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True)
+    assert model.config.id2label == dict(enumerate(shapes.CATEGORIES))
+    assert "object-detection" in (output / "README.md").read_text()
+
+
+def test_finetune_detection_on_a_datasets_dataset(backbone_folder, tmp_path):
+    """A `datasets` dataset with image and objects (bbox, category ClassLabel) columns, as cppe-5 has them."""
+    folder = shapes.write_coco_folder(tmp_path / "coco", 8, size=64, seed=2)
+    coco = json.loads((folder / "annotations.json").read_text())
+    rows = {"image": [], "objects": []}
+    for image in coco["images"]:
+        objects = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        rows["image"].append(str(folder / "images" / image["file_name"]))
+        rows["objects"].append({"bbox": [a["bbox"] for a in objects], "category": [a["category_id"] - 1 for a in objects]})
+    features = datasets.Features({"image": datasets.Image(), "objects": datasets.Sequence(
+        {"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+         "category": datasets.ClassLabel(names=shapes.CATEGORIES)})})
+    dataset = datasets.Dataset.from_dict(rows).cast(features)
+    datasets.DatasetDict({"train": dataset, "test": dataset.select(range(4))}).save_to_disk(tmp_path / "dataset")
+    output = tmp_path / "detector"
+    finetune_detection.main(["--backbone", str(backbone_folder), "--dataset", str(tmp_path / "dataset"),
+                             "--eval-split", "test", "--output-dir", str(output),
+                             "--image-size", "64", "--max-size", "128", "--d-model", "32", "--layers", "2",
+                             "--queries", "8", "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--cpu"])
+    metrics = json.loads((output / "all_results.json").read_text())
+    assert 0.0 <= metrics["eval_map_50"] <= 1.0
+    detector = pipeline("object-detection", model=str(output), trust_remote_code=True)
+    # not a 64x64 image: with d_model 32, GroupNorm's one channel per group would see a single value at stride 64
+    assert {d["label"] for d in detector(detection_worker.picture(), threshold=0.0)} <= set(shapes.CATEGORIES)
