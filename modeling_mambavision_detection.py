@@ -13,7 +13,6 @@ trust_remote_code=True)`` and nothing for the user to register. The folder's ima
 ``DeformableDetrImageProcessor`` (resize, normalise, pad; ``post_process_object_detection``).
 """
 
-import torch
 from torch import nn
 from transformers import (
     AutoBackbone,
@@ -95,7 +94,6 @@ class MambaVisionForObjectDetection(LegacyGammaLoading, DeformableDetrForObjectD
     """
 
     config_class = MambaVisionDetectionConfig
-    _no_split_modules = None
 
     def __init__(self, config):
         AutoBackbone.register(MambaVisionConfig, MambaVisionBackbone, exist_ok=True)
