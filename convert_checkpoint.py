@@ -109,6 +109,8 @@ def _list_variants():
         print(f"{variant.name:24} {variant.repo_id:32} {variant.checkpoint}")
     for variant in variants.SEGMENTATION_VARIANTS.values():
         print(f"{variant.name:24} {variant.repo_id:32} {variant.checkpoint} (segmentation; not part of --all)")
+    for variant in variants.DETECTION_VARIANTS.values():
+        print(f"{variant.name:24} {variant.repo_id:32} {variant.checkpoint} (its backbone; not part of --all)")
     for variant in variants.PROJECT_VARIANTS.values():
         print(f"{variant.name:24} {'trained in this repository':32} not part of --all; pass --checkpoint")
 

@@ -68,12 +68,13 @@ except ImportError:
 
 # transformers < 4.49 renames every checkpoint key that contains "gamma" to "weight" (and "beta" to "bias"), meant
 # for TensorFlow-era LayerNorm names, inside its loading function: only its version tells. Layer scales are gamma.
-if version.parse(transformers.__version__).release < (4, 49):
+class LegacyGammaLoading:
+    """Loads gamma/beta parameters as they are on transformers < 4.49 (a mixin before ``PreTrainedModel``; nothing
+    on later releases): transformers would report them missing (unexpected under the renamed key) and leave them at
+    their initial value. While it loads, each is registered under the renamed key (and stays reachable under its
+    own name for ``_init_weights``), and under its own name again afterwards."""
 
-    class PreTrainedModel(PreTrainedModel):  # noqa: F811 - transformers' own, loading gamma parameters as they are
-        """Loads gamma/beta parameters as they are: transformers would report them missing (unexpected under the
-        renamed key) and leave them at their initial value. While it loads, each is registered under the renamed key
-        (and stays reachable under its own name for ``_init_weights``), and under its own name again afterwards."""
+    if version.parse(transformers.__version__).release < (4, 49):
 
         @classmethod
         def _load_pretrained_model(cls, model, *args, **kwargs):
@@ -531,7 +532,7 @@ class MambaVisionClassifierEncoder(MambaVisionPooledEncoder):
         self.head = nn.Linear(config.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
 
-class MambaVisionPreTrainedModel(PreTrainedModel):
+class MambaVisionPreTrainedModel(LegacyGammaLoading, PreTrainedModel):
     config_class = MambaVisionConfig
     base_model_prefix = "mambavision"
     main_input_name = "pixel_values"
@@ -730,7 +731,14 @@ AUTO_MAP = {
 }
 HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
              "image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
-             "image_processing_mambavision_segmentation.py")
+             "image_processing_mambavision_segmentation.py", "modeling_mambavision_detection.py")
+# A detector's folder (modeling_mambavision_detection.py) has a config class of its own, Deformable DETR's with a
+# MambaVision backbone_config, and transformers' DeformableDetrImageProcessor (no code of ours) in
+# preprocessor_config.json.
+DETECTION_AUTO_MAP = {
+    "AutoConfig": "modeling_mambavision_detection.MambaVisionDetectionConfig",
+    "AutoModelForObjectDetection": "modeling_mambavision_detection.MambaVisionForObjectDetection",
+}
 
 # transformers 4.46 to 4.52 do not register a remote-code class loaded through an Auto class, so its save_pretrained
 # would leave this code out of the folder; registering here is what the other versions do when loading.

@@ -8,6 +8,9 @@ each of them with each of our speedups that applies (or only the named ones) swi
 the ratio.
 ``--segmentation`` runs NVIDIA's ADE20K architectures instead (backbone alone, and with the UPerNet heads), on the GPU
 against the original's backbone at the same sizes (ARCHITECTURE.md), on the CPU T at 512, batch 1.
+``--detection`` runs NVIDIA's COCO backbones instead (T and B, windows (8, 8, 112, 56)): the backbone alone at
+800x1344 batch 8 against the original's figures there, and the Deformable DETR detector's forward at 640x640 batch
+16 (bf16 autocast, channels_last, Triton scan, each ``--compile-modes``).
 CPU (``--device cpu``, float32, eager): latency beside timm's convnext_tiny at the same batch and resolution,
 run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1 and 8, L2-512 at 512);
 ``--onnx`` adds exporting T and onnxruntime against eager, ``--second-size`` compiling at a second size.
@@ -16,6 +19,7 @@ run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1
     python benchmarks/benchmark.py --variants T S B --modes infer train latency --compile-modes default
     python benchmarks/benchmark.py --device cpu --onnx
     python benchmarks/benchmark.py --segmentation --compile-modes eager default
+    python benchmarks/benchmark.py --detection --compile-modes eager default
 """
 
 import argparse
@@ -35,7 +39,7 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambavision_tools import model_code  # noqa: E402
-from mambavision_tools.variants import SEGMENTATION_VARIANTS, VARIANTS  # noqa: E402
+from mambavision_tools.variants import DETECTION_VARIANTS, SEGMENTATION_VARIANTS, VARIANTS  # noqa: E402
 
 modeling = model_code.load("modeling_mambavision")
 configuration = model_code.load("configuration_mambavision")
@@ -425,6 +429,95 @@ def print_targets(results, device):
                   f"{with_['img_s'] / without['img_s']:.3f}x | {with_['peak_gib']:.2f} / {without['peak_gib']:.2f} |")
 
 
+@dataclass(frozen=True)
+class DetectionCase:
+    """A COCO backbone at a size and batch, with NVIDIA's backbone there where ARCHITECTURE.md has it (H200, bf16
+    autocast, channels_last, mamba-ssm's scan): img/s and peak GiB, (eager, compiled)."""
+
+    variant: str
+    part: str  # "backbone": the four normalised maps; "detector": MambaVisionForObjectDetection's forward
+    height: int
+    width: int
+    batch: int
+    original_img_s: Optional[tuple] = None
+    original_peak_gib: Optional[tuple] = None
+
+
+DETECTION_CASES = [
+    DetectionCase("T", "backbone", 800, 1344, 8, (165, 206), (1.01, 0.69)),
+    DetectionCase("B", "backbone", 800, 1344, 8, (98, 128), (1.93, 1.29)),
+    DetectionCase("T", "detector", 640, 640, 16),
+    DetectionCase("B", "detector", 640, 640, 16),
+]
+
+
+def build_detection(case):
+    """NVIDIA's COCO backbone architecture of ``case``, alone or under a default Deformable DETR head (91 classes)."""
+    spec = DETECTION_VARIANTS[f"MambaVision-{case.variant}-COCO-backbone"]
+    if case.part == "backbone":
+        return modeling.MambaVisionBackbone(configuration.MambaVisionConfig(**spec.architecture)).eval()
+    detection = model_code.load("modeling_mambavision_detection")
+    backbone = configuration.MambaVisionConfig(**{**spec.architecture, "out_features": detection.DETECTION_OUT_FEATURES})
+    config = detection.MambaVisionDetectionConfig(backbone_config=backbone, num_labels=91)
+    return detection.MambaVisionForObjectDetection(config).eval()
+
+
+def detection_case(args, case, compile_mode):
+    """Inference img/s and peak memory of one case (bf16 autocast, channels_last, Triton scan)."""
+    torch._dynamo.reset()
+    os.environ[scan.ENV_BACKEND] = "triton"
+    model = build_detection(case).cuda().to(memory_format=torch.channels_last)
+    pixels = torch.randn(case.batch, 3, case.height, case.width, device="cuda").to(memory_format=torch.channels_last)
+    forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(pixels)
+
+    step()  # compile outside the timed region
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_cuda(step, args.warmup, args.iters)
+    return {"variant": f"{case.variant} {case.part}", "mode": "infer", "batch": case.batch,
+            "size": f"{case.height}x{case.width}", "dtype": "bf16", "scan": "triton", "compile": compile_mode, "ms": ms,
+            "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_detection(args):
+    """Every detection case (``--variants`` filters: T, B), each compile mode; a failure is a row."""
+    rows = []
+    for case in [c for c in DETECTION_CASES if not args.variants_given or c.variant in args.variants]:
+        for compile_mode in args.compile_modes:
+            try:
+                row = detection_case(args, case, compile_mode)
+            except Exception as error:  # report the failure in the table and go on
+                row = {"variant": f"{case.variant} {case.part}", "compile": compile_mode,
+                       "error": f"{type(error).__name__}: {error}"[:300]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_detection(rows, device):
+    """The backbone rows against the original's best (the goal: 1.5x, peak memory no higher)."""
+    print(f"\n### COCO backbones on {device}, torch {torch.__version__}, bf16 autocast, channels_last\n")
+    print("| case | compile | ours img/s (GiB) | original best img/s (GiB) | ratio | goal 1.5x | memory |")
+    print("|---|---|---|---|---|---|---|")
+    cases = {f"{case.variant} {case.part}": case for case in DETECTION_CASES}
+    for row in rows:
+        case = cases[row["variant"]]
+        if "error" in row or case.original_img_s is None:
+            continue
+        best = max(range(2), key=lambda i: case.original_img_s[i])
+        ratio = row["img_s"] / case.original_img_s[best]
+        memory_ok = row["peak_gib"] <= case.original_peak_gib[best]
+        print(f"| {row['variant']} b{row['batch']} {row['size']} | {row['compile']} | {row['img_s']:,.0f} "
+              f"({row['peak_gib']:.2f}) | {case.original_img_s[best]:,} ({case.original_peak_gib[best]:.2f}, "
+              f"{('eager', 'compiled')[best]}) | {ratio:.2f}x | {'yes' if ratio >= 1.5 else '**no**'} | "
+              f"{'no higher' if memory_ok else '**higher**'} |")
+
+
 def run_cpu(args):
     """Eager float32 latency beside timm's convnext_tiny (same batch and resolution, same run, pair by pair);
     with ``--onnx``, exporting T and onnxruntime against eager; with ``--second-size``, compiling at a second
@@ -582,6 +675,8 @@ def main(argv=None):
     parser.add_argument("--second-size", type=int, help="CPU: also compile T at its size, then at this one")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
+    parser.add_argument("--detection", action="store_true",
+                        help="GPU: NVIDIA's COCO backbones (T, B) at 800x1344 b8 and the detector at 640x640 b16")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     args.variants_given, args.variants = args.variants is not None, args.variants or ["T"]
@@ -591,6 +686,8 @@ def main(argv=None):
         device = torch.cuda.get_device_name()
         if args.segmentation:
             rows = run_segmentation(args)
+        elif args.detection:
+            rows = run_detection(args)
         elif args.targets:
             results = run_targets(args)
             rows = [row for _, case_rows in results for row in case_rows]
@@ -603,6 +700,8 @@ def main(argv=None):
     print_table(rows)
     if args.device == "cuda" and args.segmentation:
         print_segmentation(rows, device)
+    elif args.device == "cuda" and args.detection:
+        print_detection(rows, device)
     elif args.device == "cuda" and args.targets:
         print_targets(results, device)
     if args.json:

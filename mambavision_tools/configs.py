@@ -150,7 +150,8 @@ def read_config_file(path, name):
 
 def get_variant(name):
     """The table entry for a Hub name (NVIDIA's or one trained here), or an error that suggests the closest names."""
-    known = {**variants.VARIANTS, **variants.SEGMENTATION_VARIANTS, **variants.PROJECT_VARIANTS}
+    known = {**variants.VARIANTS, **variants.SEGMENTATION_VARIANTS, **variants.DETECTION_VARIANTS,
+             **variants.PROJECT_VARIANTS}
     if name in known:
         return known[name]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)

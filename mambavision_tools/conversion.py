@@ -9,10 +9,11 @@ import torch
 from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from . import model_code
 from .checkpoints import check_state_dict, convert_state_dict, read_checkpoint
-from .mmlab import BACKBONE, segmentation_state_dict
+from .mmlab import BACKBONE, segmentation_state_dict, split_backbone
 from .configs import build_config
 from .hub_folder import CARD, files_not_written_here, is_model_folder, save_model_folder
 from .publishing import example_of, render_model_card
@@ -20,12 +21,36 @@ from .report import ConversionError, first_line, listing, progress
 from .staging import output_lock, staged_folder
 
 VERIFY_TOLERANCE = 1e-5
-# per task: the model file and class, the renames from the original checkpoint, the Auto class that reloads it
+
+
+def _reload_with(auto_class):
+    """A folder's reload through ``auto_class`` (trust_remote_code), with loading info."""
+    def reload(folder, config):
+        progress(f"verifying: reloading with {auto_class.__name__}.from_pretrained(trust_remote_code=True)")
+        return auto_class.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    return reload
+
+
+def _reload_backbone(folder, config):
+    """A backbone folder's reload through its class in the folder (its AutoBackbone entry): transformers >= 5.1's
+    AutoBackbone asks the Hub first."""
+    progress("verifying: reloading the folder's MambaVisionBackbone (its AutoBackbone entry)")
+    backbone_class = get_class_from_dynamic_module(config.auto_map["AutoBackbone"], folder)
+    return backbone_class.from_pretrained(folder, output_loading_info=True)
+
+
+def detector_backbone(state_dict):
+    """An mmdetection detector's ``backbone.*`` under our names; its neck and heads are left out."""
+    return split_backbone(state_dict)[0]
+
+
+# per task: the model file and class, the renames from the original checkpoint, how the Hub reloads the folder
 TASKS = {
     "image-classification": ("modeling_mambavision", "MambaVisionModelForImageClassification", convert_state_dict,
-                             AutoModelForImageClassification),
+                             _reload_with(AutoModelForImageClassification)),
     "semantic-segmentation": ("modeling_mambavision_segmentation", "MambaVisionForSemanticSegmentation",
-                              segmentation_state_dict, AutoModelForSemanticSegmentation),
+                              segmentation_state_dict, _reload_with(AutoModelForSemanticSegmentation)),
+    "detection-backbone": ("modeling_mambavision", "MambaVisionBackbone", detector_backbone, _reload_backbone),
 }
 
 
@@ -67,6 +92,29 @@ def check_checkpoint_kind(original_state_dict, what, task):
     if task == "image-classification" and dense:
         raise ConversionError(f"the checkpoint holds an OpenMMLab model (backbone.* keys: segmentation or detection), "
                               f"not the classifier {what}")
+    if task == "detection-backbone":
+        check_detector(original_state_dict, what)
+
+
+# What an mmdetection detector holds beside its backbone (Cascade Mask R-CNN: FPN neck, RPN, cascade RoI heads)
+DETECTOR_PARTS = ("neck.", "rpn_head.", "roi_head.", "bbox_head.", "mask_head.")
+
+
+def check_detector(original_state_dict, what):
+    """Refuse what is not an mmdetection detector: a classifier (no ``backbone.*``), an mmsegmentation model
+    (heads that no detector has)."""
+    backbone_state, rest = split_backbone(original_state_dict)
+    if not backbone_state:
+        hint = " (it holds a classifier's head.*: convert it with a classification variant)" if any(
+            key.startswith("head.") for key in original_state_dict) else ""
+        raise ConversionError(f"the checkpoint does not fit {what}: it holds no mmdetection backbone.* tensors{hint}")
+    foreign = sorted(key for key in rest if not key.startswith(DETECTOR_PARTS))
+    if foreign:
+        kind = " (an mmsegmentation model's heads: use a segmentation variant)" if any(
+            key.startswith(("decode_head.", "auxiliary_head.")) for key in foreign) else ""
+        raise ConversionError(f"the checkpoint does not fit {what}: besides the backbone it holds {len(foreign)} "
+                              f"tensor(s) that are no part of an mmdetection detector{kind}: {listing(foreign)}")
+    progress(f"{len(rest)} detector-head tensors left out (neck, RPN, RoI heads: no transformers equivalent)")
 
 
 def check_output_dir(output_dir, overwrite=False, force=False, checkpoint=None):
@@ -101,10 +149,8 @@ def _relative_error(actual, expected):
 
 
 def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE, task="image-classification"):
-    """Reload ``folder`` as the Hub would (the task's Auto class, trust_remote_code) and compare outputs."""
-    auto_class = TASKS[task][3]
-    progress(f"verifying: reloading with {auto_class.__name__}.from_pretrained(trust_remote_code=True)")
-    reloaded, info = auto_class.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    """Reload ``folder`` as the Hub would (the task's reload, ``TASKS``) and compare outputs."""
+    reloaded, info = TASKS[task][3](folder, model.config)
     problems = {key: info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:
         raise ConversionError(f"verification failed: reloading reported {problems}")
@@ -113,7 +159,7 @@ def verify_folder(folder, model, tolerance=VERIFY_TOLERANCE, task="image-classif
     with torch.no_grad():
         expected = model(pixels, output_hidden_states=True)
         actual = reloaded.eval()(pixels, output_hidden_states=True)
-    pairs = [("logits", actual.logits, expected.logits)]
+    pairs = [("logits", actual.logits, expected.logits)] if hasattr(expected, "logits") else []
     pairs += [(f"hidden state {i}", a, e) for i, (a, e) in enumerate(zip(actual.hidden_states, expected.hidden_states))]
     worst = 0.0
     for name, a, e in pairs:

@@ -34,16 +34,28 @@ def save_model_folder(model, folder, max_shard_size="2GB", example_image=None):
     """``save_pretrained`` plus the model code, the ``auto_map`` entries and the image processor of the config's
     preprocessing (``preprocessor_config.json``), so the folder loads with trust_remote_code; ``handler.py``; and
     ``example_image`` (a PIL image, if given) as ``example.jpg``."""
-    folder = Path(folder)
-    model.config.auto_map = dict(CONFIG_AUTO_MAP)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
     module, name = PROCESSORS.get(type(model).__name__, PROCESSORS[None])
     processor = getattr(model_code.load(module), name).from_model_config(model.config)
-    processor.save_pretrained(folder)
-    for name in (*modeling.HUB_FILES, HANDLER):  # after save_pretrained, which copies some of them
-        shutil.copy2(model_code.ROOT / name, folder / name)
+    _save_folder(model, processor, folder, CONFIG_AUTO_MAP, max_shard_size)
+    shutil.copy2(model_code.ROOT / HANDLER, Path(folder) / HANDLER)
     if example_image is not None:
         save_example_image(example_image, folder)
+
+
+def save_detector_folder(model, processor, folder, max_shard_size="2GB"):
+    """A ``MambaVisionForObjectDetection`` folder: ``save_pretrained``, the model code, the detector's ``auto_map``
+    and its image processor (transformers' ``DeformableDetrImageProcessor``), so it loads with trust_remote_code.
+    No ``handler.py``: its tasks do not include detection."""
+    _save_folder(model, processor, folder, modeling.DETECTION_AUTO_MAP, max_shard_size)
+
+
+def _save_folder(model, processor, folder, auto_map, max_shard_size):
+    folder = Path(folder)
+    model.config.auto_map = dict(auto_map)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    processor.save_pretrained(folder)
+    for name in modeling.HUB_FILES:  # after save_pretrained, which copies some of them
+        shutil.copy2(model_code.ROOT / name, folder / name)
     # transformers 5 writes the weights through a private temporary file (mode 0600): give them the mode that
     # config.json got from the umask, so that whoever may read the folder may read its weights
     mode = (folder / "config.json").stat().st_mode & 0o777

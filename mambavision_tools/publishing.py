@@ -16,6 +16,9 @@ CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision.md"
 CARD_TAGS = ["vision", "image-classification", "image-feature-extraction", "mambavision", "mamba"]
 SEGMENTATION_CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision_segmentation.md"
 SEGMENTATION_CARD_TAGS = ["vision", "image-segmentation", "semantic-segmentation", "upernet", "mambavision", "mamba"]
+# a backbone converted from an mmdetection detector (Variant.task "detection-backbone")
+BACKBONE_CARD_TEMPLATE = model_code.ROOT / "model_cards" / "mambavision_coco_backbone.md"
+BACKBONE_CARD_TAGS = ["vision", "object-detection", "backbone", "mambavision", "mamba"]
 
 
 def _scikit_learn_flower():
@@ -98,14 +101,17 @@ def render_model_card(variant, model, repo_id):
                        **common),
         ]
     example = example_of(variant)
+    backbone = variant.task == "detection-backbone"
     card_data = ModelCardData(
         license=license_["license"], license_name=license_.get("license_name"),
-        license_link=license_.get("license_link"), library_name="transformers", pipeline_tag="image-classification",
-        tags=CARD_TAGS, datasets=list(variant.datasets) or None, model_name=variant.name, eval_results=eval_results,
+        license_link=license_.get("license_link"), library_name="transformers",
+        pipeline_tag=None if backbone else "image-classification", tags=BACKBONE_CARD_TAGS if backbone else CARD_TAGS,
+        datasets=list(variant.datasets) or None, model_name=variant.name, eval_results=eval_results,
         widget=widget(repo_id, example["title"]) if example else None,
     )
     return ModelCard.from_template(
-        card_data, template_path=str(CARD_TEMPLATE), name=variant.name, description=variant.description,
+        card_data, template_path=str(BACKBONE_CARD_TEMPLATE if backbone else CARD_TEMPLATE), name=variant.name,
+        description=variant.description,
         repo_id=repo_id, checkpoint=variant.checkpoint,
         checkpoint_url=variant.checkpoint_url if variant.checkpoint else None,
         num_parameters=model.num_parameters(),

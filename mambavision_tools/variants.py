@@ -46,8 +46,10 @@ class Variant:
             ``None`` where unpublished), or ``None``.
         license: ``license``/``license_name``/``license_link`` for the card metadata, ``title`` and
             ``terms`` for its text.
-        task: ``"image-classification"`` (an original MambaVision checkpoint) or ``"semantic-segmentation"`` (an
-            mmsegmentation UPerNet checkpoint; ``results`` then hold ``miou``, ``params_m``, ``flops_g``).
+        task: ``"image-classification"`` (an original MambaVision checkpoint), ``"semantic-segmentation"`` (an
+            mmsegmentation UPerNet checkpoint; ``results`` then hold ``miou``, ``params_m``, ``flops_g``) or
+            ``"detection-backbone"`` (an mmdetection detector: its ``backbone.*`` becomes a ``MambaVisionBackbone``
+            folder; the detector's neck and heads, which transformers has no equivalent of, are left out).
     """
 
     name: str
@@ -227,5 +229,49 @@ PROJECT_VARIANTS = {
                             "(train_digits.py: 20 epochs, about a minute on 2 CPU cores) on a fixed stratified 80% of"
                             " the 1,797 images, it classifies 99.4% of the other 20% (360 images) correctly. A "
                             "demonstration, not a general digit reader: it knows white-on-black 8x8 scans."),
+    )
+}
+
+
+# NVIDIA's COCO Cascade Mask R-CNN checkpoints (object_detection/README.md, configs/mamba_vision/*_3x_coco.py): their
+# backbones, with the detection configs' windows (8, 8, 112, 56) and per-output norms ("ln2d"), all four maps out.
+COCO_LICENSE = {
+    "license": "cc-by-nc-sa-4.0",
+    "license_link": "https://creativecommons.org/licenses/by-nc-sa/4.0/",
+    "title": "CC-BY-NC-SA-4.0",
+    "terms": "NVIDIA shares its COCO-trained models under CC-BY-NC-SA-4.0 (non-commercial; derivatives under the same "
+             "license). The model code is NVIDIA's, under the NVIDIA Source Code License-NC "
+             "(https://github.com/NVlabs/MambaVision/blob/main/LICENSE). COCO's images have their own terms of use "
+             "(https://cocodataset.org/#termsofuse).",
+}
+DETECTION_WINDOWS = [8, 8, 112, 56]
+ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+COCO = "detection-datasets/coco"
+COCO_DESCRIPTION = (
+    "The backbone of NVIDIA's Cascade Mask R-CNN {size} (MambaVision-{size}-1K, then trained with the detector on COCO "
+    "2017 for 36 epochs by mmdetection; the full detector reaches {box} box mAP and {mask} mask mAP on COCO val2017). "
+    "transformers has no Cascade Mask R-CNN: this folder holds the backbone alone (the four stage maps, each through "
+    "its output LayerNorm), a starting point for a detection head (examples/finetune_detection.py puts it under "
+    "transformers' Deformable DETR). Converted from the backbone.* tensors of {checkpoint}.")
+
+
+def _coco_backbone(size, architecture, box, mask):
+    repo = f"nvidia/cascade_mask_rcnn_mamba_vision_{size}_3x_coco"
+    checkpoint = f"cascade_mask_rcnn_mamba_vision_{size}_3x_coco.pth"
+    letter = size[0].upper()
+    return Variant(f"MambaVision-{letter}-COCO-backbone", repo, checkpoint,
+                   {**architecture, "out_norm": True, "drop_path_rate": 0.2, "window_size": DETECTION_WINDOWS,
+                    "out_features": ALL_STAGES},
+                   imagenet_labels=False, datasets=(IMAGENET_1K, COCO), license=dict(COCO_LICENSE), task="detection-backbone",
+                   description=COCO_DESCRIPTION.format(size=letter, box=box, mask=mask, checkpoint=checkpoint))
+
+
+# not part of --all (their own command line: --variant)
+DETECTION_VARIANTS = {
+    variant.name: variant
+    for variant in (
+        _coco_backbone("tiny", TINY, 51.1, 44.3),
+        _coco_backbone("small", SMALL, 52.3, 45.2),
+        _coco_backbone("base", BASE, 52.8, 45.7),
     )
 }

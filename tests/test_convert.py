@@ -30,7 +30,7 @@ from conftest import (FIXTURE_NAMES, FIXTURE_SIZES, FIXTURES, REFERENCE, ROOT, T
 from convert_checkpoint import main
 from mambavision_tools.configs import MAX_PARAMETERS, build_config, read_config_file
 from mambavision_tools.hub_folder import CONFIG_AUTO_MAP
-from mambavision_tools.variants import PROJECT_VARIANTS, SEGMENTATION_VARIANTS, VARIANTS, Variant
+from mambavision_tools.variants import DETECTION_VARIANTS, PROJECT_VARIANTS, SEGMENTATION_VARIANTS, VARIANTS, Variant
 
 LAYER_SCALED = {**TINY_ARCHITECTURE, "layer_scale": 0.5}  # the tiny architecture, as a --config file holds it
 # end to end in CI (random weights, reloaded strictly and verified): T with sharding, B, a 512-pixel 21K variant
@@ -829,7 +829,8 @@ def test_list_variants(capsys):
     assert status == 0
     lines = out.splitlines()
     # every name --variant takes
-    assert [line.split()[0] for line in lines] == [*VARIANTS, *SEGMENTATION_VARIANTS, *PROJECT_VARIANTS]
+    assert [line.split()[0] for line in lines] == [*VARIANTS, *SEGMENTATION_VARIANTS, *DETECTION_VARIANTS,
+                                                       *PROJECT_VARIANTS]
     assert len(VARIANTS) == 11
     assert "trained in this repository" in lines[-1] and "not part of --all" in lines[-1]
 

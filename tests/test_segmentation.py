@@ -72,14 +72,14 @@ def test_windows_larger_than_the_map_pad_the_map_as_the_original(window):
     stage = modeling.MambaVisionBackbone(config).model.levels[3].eval()  # initialised as a model is
     x = torch.randn(1, config.hidden_sizes[3], 3, 5)
     with torch.no_grad():
-        _, got = stage(x)
+        _, got, _ = stage(x)
         padded = torch.nn.functional.pad(x, (0, window - 5, 0, window - 3))
         tokens = padded.flatten(2).transpose(1, 2)  # one window: (1, window * window, C), row-major
         for block in stage.blocks:
-            tokens = block(tokens)
+            tokens, _ = block(tokens)
         expected = tokens.transpose(1, 2).reshape(1, -1, window, window)[:, :, :3, :5]
         stage.window = 5  # the clipped window: one 3x5 map padded to 5x5 only
-        _, clipped = stage(x)
+        _, clipped, _ = stage(x)
     torch.testing.assert_close(got, expected)
     assert (got - clipped).abs().max() > 1e-3
 

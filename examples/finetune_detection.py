@@ -1,0 +1,343 @@
+"""Fine-tune a MambaVision object detector (Deformable DETR head) on your boxes with transformers' Trainer, on one
+device or many.
+
+    # a new detector on NVIDIA's COCO-trained backbone (convert_checkpoint.py --variant MambaVision-T-COCO-backbone)
+    .venv/bin/python examples/finetune_detection.py --backbone converted/MambaVision-T-COCO-backbone \\
+        --train-images data/train --train-annotations data/train.json \\
+        --eval-images data/val --eval-annotations data/val.json --output-dir MambaVision-T-detector
+    # N GPUs with DDP
+    .venv/bin/torchrun --nproc_per_node N examples/finetune_detection.py ...
+    # continue from a detector folder, or train on a `datasets` dataset with an "objects" column (cppe-5's layout)
+    .venv/bin/python examples/finetune_detection.py --model MambaVision-T-detector --dataset cppe-5 \\
+        --eval-split test --output-dir MambaVision-T-cppe5
+
+Data: a folder of images with a COCO json (``images``, ``annotations`` with ``bbox`` [x, y, width, height],
+``categories``), or a `datasets` dataset whose ``objects`` column holds ``bbox`` (COCO boxes) and ``category``
+(a ClassLabel sequence). The model is a new detector on a MambaVision backbone folder (``--backbone``: a
+converted classifier or COCO backbone; the head starts from random weights) or a detector folder (``--model``,
+given a new class head when the classes differ). transformers' ``DeformableDetrImageProcessor`` resizes (shortest
+edge ``--image-size``), normalises and pads; evaluation reports COCO box mAP (torchmetrics' MeanAveragePrecision
+on pycocotools). The output folder is Hub-ready (weights, config, model code, image processor, model card) and
+loads with ``AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True)`` or
+``pipeline("object-detection", model=folder, trust_remote_code=True)``.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+from torchmetrics.detection import MeanAveragePrecision
+from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, Trainer, TrainingArguments, set_seed
+
+import scale_utils
+from mambavision_tools import hub_folder, model_code, publishing
+from mambavision_tools.report import ConversionError, first_line
+from scale_utils import fail
+
+detection = model_code.load("modeling_mambavision_detection")
+modeling = model_code.load("modeling_mambavision")
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}
+
+{{ name }} detects {{ labels | length }} classes ({{ labels[:20] | join(", ") }}) with a MambaVision backbone
+({{ base }}) under transformers' Deformable DETR head, fine-tuned on {{ data }}.
+{% if map is not none %}
+On the {{ eval_images }} evaluation images: box mAP {{ "%.3f" | format(map) }}, mAP@0.5 {{ "%.3f" | format(map50) }}.
+{% endif %}
+## Usage
+
+```python
+from transformers import pipeline
+
+detector = pipeline("object-detection", model="{{ repo_id }}", trust_remote_code=True)
+print(detector("image.jpg", threshold=0.5))
+```
+
+## Training
+
+transformers' Trainer (`examples/finetune_detection.py` of the MambaVision Hugging Face port): {{ steps }} steps,
+global batch {{ global_batch }}, AdamW (learning rate {{ learning_rate }}, backbone {{ backbone_learning_rate }}),
+shortest edge {{ image_size }} pixels, seed {{ seed }}.
+
+## License
+
+{{ license }}
+"""
+
+
+class CocoFolder(torch.utils.data.Dataset):
+    """(PIL image, COCO annotations of that image) from a folder of images and a COCO json."""
+
+    def __init__(self, images, annotations):
+        try:
+            coco = json.loads(Path(annotations).read_text())
+            self.categories = sorted(coco["categories"], key=lambda category: category["id"])
+            self.images = coco["images"]
+            by_image = {image["id"]: [] for image in self.images}
+            for annotation in coco["annotations"]:
+                by_image[annotation["image_id"]].append(annotation)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            fail(f"{annotations} is not a COCO detection json (images, annotations, categories): {first_line(error)}")
+        self.folder, self.by_image = Path(images), by_image
+        self.category_index = {category["id"]: index for index, category in enumerate(self.categories)}
+
+    @property
+    def labels(self):
+        return [category["name"] for category in self.categories]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        record = self.images[index]
+        path = self.folder / record["file_name"]
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as error:
+            fail(f"cannot read the image {path}: {first_line(error)}")
+        objects = [{**annotation, "category_id": self.category_index[annotation["category_id"]]}
+                   for annotation in self.by_image[record["id"]]]
+        return image, objects
+
+
+class DatasetRows(torch.utils.data.Dataset):
+    """(PIL image, COCO annotations) from a `datasets` dataset with ``image`` and ``objects`` columns."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        row = self.rows[index]
+        objects = row["objects"]
+        annotations = [{"bbox": list(box), "category_id": int(category), "area": float(box[2] * box[3]), "iscrowd": 0}
+                       for box, category in zip(objects["bbox"], objects["category"])]
+        return row["image"].convert("RGB"), annotations
+
+
+def load_data(args):
+    """(train set, eval set or None, class names)."""
+    if args.dataset:
+        import datasets
+
+        try:  # a folder written by save_to_disk, or anything load_dataset reads (a Hub id, a data folder)
+            saved = (Path(args.dataset) / "dataset_dict.json").is_file()
+            splits = datasets.load_from_disk(args.dataset) if saved else datasets.load_dataset(args.dataset)
+        except (OSError, ValueError) as error:
+            fail(f"cannot load the dataset {args.dataset}: {first_line(error)}")
+        train = splits[args.train_split]
+        if "objects" not in train.column_names or "image" not in train.column_names:
+            fail(f"the dataset {args.dataset} needs 'image' and 'objects' columns (it has {', '.join(train.column_names)})")
+        objects = train.features["objects"]  # a Sequence of a dict (cppe-5), or a dict of lists
+        category = objects.feature["category"] if hasattr(objects, "feature") else objects["category"].feature
+        labels = getattr(category, "names", None)
+        if labels is None:
+            fail(f"the dataset {args.dataset}'s objects.category is not a ClassLabel: class names are needed")
+        evaluation = DatasetRows(splits[args.eval_split]) if args.eval_split else None
+        return DatasetRows(train), evaluation, list(labels)
+    train = CocoFolder(args.train_images, args.train_annotations)
+    evaluation = CocoFolder(args.eval_images, args.eval_annotations) if args.eval_images else None
+    if evaluation is not None and evaluation.labels != train.labels:
+        fail(f"the categories of {args.eval_annotations} differ from those of {args.train_annotations}")
+    return train, evaluation, train.labels
+
+
+class Collator:
+    """A batch of (image, annotations) -> the processor's ``pixel_values``, ``pixel_mask`` (padding) and ``labels``
+    (per image: class indices and boxes as normalised centre x/y, width, height)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, examples):
+        images = [image for image, _ in examples]
+        annotations = [{"image_id": index, "annotations": objects} for index, (_, objects) in enumerate(examples)]
+        batch = self.processor(images=images, annotations=annotations, return_tensors="pt")
+        return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": batch["labels"]}
+
+
+def box_map(processor):
+    """Trainer's compute_metrics: COCO box mAP, mAP@0.5 and mAP@0.75 of the post-processed predictions (at each
+    image's original size) against the labels, by torchmetrics on pycocotools."""
+
+    def compute(prediction):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        for outputs, targets in zip(prediction.predictions, prediction.label_ids):  # batch by batch
+            logits, boxes = (torch.as_tensor(array) for array in outputs[1:3])  # after the loss dict
+            sizes = torch.stack([torch.as_tensor(target["orig_size"]) for target in targets])
+            detections = processor.post_process_object_detection(
+                SimpleNamespace(logits=logits, pred_boxes=boxes), threshold=0.0, target_sizes=sizes)
+            truths = []
+            for target, (height, width) in zip(targets, sizes.tolist()):
+                cx, cy, w, h = torch.as_tensor(target["boxes"]).unbind(-1)  # normalised centre format
+                xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor(
+                    [width, height, width, height])
+                truths.append({"boxes": xyxy, "labels": torch.as_tensor(target["class_labels"])})
+            metric.update(detections, truths)
+        result = metric.compute()
+        return {name: float(result[name]) for name in ("map", "map_50", "map_75")}
+
+    return compute
+
+
+def build_model(args, labels):
+    """A new detector on ``--backbone``'s weights, or ``--model``'s detector with a head for ``labels``."""
+    label_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    try:
+        if args.model:
+            return AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=True,
+                                                               ignore_mismatched_sizes=True, **label_fields)
+        backbone = modeling.MambaVisionBackbone.from_pretrained(args.backbone,
+                                                                out_features=detection.DETECTION_OUT_FEATURES)
+    except (OSError, ValueError) as error:
+        fail(f"cannot load {args.model or args.backbone}: {first_line(error)}")
+    head = dict(d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers, num_queries=args.queries,
+                encoder_ffn_dim=4 * args.d_model, decoder_ffn_dim=4 * args.d_model)
+    config = detection.MambaVisionDetectionConfig(backbone_config=backbone.config, **head, **label_fields)
+    model = detection.MambaVisionForObjectDetection(config)
+    model.backbone.load_state_dict(backbone.state_dict())
+    return model
+
+
+def model_card(args, trainer, labels, metrics, eval_images, repo_id):
+    base = args.backbone or args.model
+    try:
+        base_card = ModelCard.load(Path(base) / "README.md" if Path(base).is_dir() else base).data
+    except (OSError, ValueError):
+        base_card = ModelCardData()
+    license_text = (f"The base model's license applies: {base_card.get('license_name') or base_card.license}"
+                    f" ({base_card.get('license_link')})." if base_card.license else
+                    f"Check the license of the base model ({base}) before use.")
+    card_data = ModelCardData(license=base_card.license, license_name=base_card.get("license_name"),
+                              license_link=base_card.get("license_link"), library_name="transformers",
+                              pipeline_tag="object-detection", tags=["vision", "object-detection", "mambavision"])
+    data = args.dataset or Path(args.train_annotations).stem
+    targs = trainer.args
+    return ModelCard.from_template(
+        card_data, template_str=CARD_TEMPLATE, name=Path(repo_id).name, base=base, data=data, labels=labels,
+        map=metrics.get("eval_map"), map50=metrics.get("eval_map_50"), eval_images=eval_images, repo_id=repo_id,
+        steps=trainer.state.global_step, learning_rate=targs.learning_rate, seed=args.seed,
+        backbone_learning_rate=args.backbone_learning_rate, image_size=args.image_size, license=license_text,
+        global_batch=targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps)
+
+
+class DetectionTrainer(Trainer):
+    """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's)."""
+
+    def __init__(self, *args, backbone_learning_rate, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone_learning_rate = backbone_learning_rate
+
+    def create_optimizer(self, *args, **kwargs):
+        backbone = {id(parameter) for parameter in self.model.backbone.parameters()}
+        groups = [[p for p in self.model.parameters() if p.requires_grad and (id(p) in backbone) == is_backbone]
+                  for is_backbone in (False, True)]
+        self.optimizer = torch.optim.AdamW([{"params": groups[0]},
+                                            {"params": groups[1], "lr": self.backbone_learning_rate}],
+                                           lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--backbone", help="MambaVision folder or Hub id whose backbone a new detector starts from")
+    source.add_argument("--model", help="a MambaVision detector folder or Hub id to fine-tune further")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--train-images", help="folder of training images (with --train-annotations)")
+    data.add_argument("--dataset", help="a `datasets` dataset (Hub id or folder) with image and objects columns")
+    parser.add_argument("--train-annotations", help="COCO json of --train-images")
+    parser.add_argument("--eval-images", help="folder of evaluation images (with --eval-annotations)")
+    parser.add_argument("--eval-annotations", help="COCO json of --eval-images")
+    parser.add_argument("--train-split", default="train", help="--dataset split to train on (default: train)")
+    parser.add_argument("--eval-split", help="--dataset split to evaluate on (default: none)")
+    parser.add_argument("--output-dir", required=True, help="the Hub-ready folder to write")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
+    parser.add_argument("--image-size", type=int, default=800, help="shortest image edge (default: 800)")
+    parser.add_argument("--max-size", type=int, default=1333, help="longest image edge (default: 1333)")
+    parser.add_argument("--d-model", type=int, default=256, help="new head: width (default: 256)")
+    parser.add_argument("--layers", type=int, default=6, help="new head: encoder and decoder layers (default: 6)")
+    parser.add_argument("--queries", type=int, default=300, help="new head: object queries (default: 300)")
+    parser.add_argument("--epochs", type=float, default=50, help="training epochs (default: 50)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per process and step (default: 4)")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="head learning rate (default: 2e-4)")
+    parser.add_argument("--backbone-learning-rate", type=float, default=2e-5, help="backbone's (default: 2e-5)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
+    args = parser.parse_args(argv)
+    if args.layers < 2:  # transformers 5.x fails to build Deformable DETR with one decoder layer
+        parser.error("--layers must be at least 2")
+    if args.train_images and not args.train_annotations:
+        parser.error("--train-images needs --train-annotations")
+    if bool(args.eval_images) != bool(args.eval_annotations):
+        parser.error("--eval-images and --eval-annotations go together")
+    output = Path(args.output_dir)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        parser.error(f"the output folder {output} exists and is not empty")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    try:
+        return run(args)
+    finally:
+        scale_utils.leave_process_group()
+
+
+def run(args):
+    use_cpu = args.cpu or not torch.cuda.is_available()
+    train_set, eval_set, labels = load_data(args)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, lr_scheduler_type="cosine",
+        warmup_steps=0.05, bf16=not use_cpu, use_cpu=use_cpu, seed=args.seed, data_seed=args.seed,
+        dataloader_num_workers=args.num_workers, remove_unused_columns=False, eval_do_concat_batches=False,
+        eval_strategy="no", save_strategy="no", logging_steps=args.logging_steps, report_to="none",
+        ddp_find_unused_parameters=False,
+    )
+    with scale_utils.main_process_first():
+        set_seed(args.seed)  # the new head's initialisation
+        model = build_model(args, labels)
+    processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
+    trainer = DetectionTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                               data_collator=Collator(processor), compute_metrics=box_map(processor),
+                               backbone_learning_rate=args.backbone_learning_rate)
+    metrics = dict(trainer.train().metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        output_dir = Path(args.output_dir)
+        hub_folder.save_detector_folder(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir)
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()  # trainer_state.json: the logged losses
+        repo_id = args.push_to_hub or output_dir.name
+        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
+        summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""
+        print(f"wrote {output_dir}{summary}")
+        if args.push_to_hub:
+            try:
+                publishing.push_to_hub(output_dir, args.push_to_hub, commit_message="Upload fine-tuned MambaVision detector")
+            except ConversionError as error:
+                fail(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
