@@ -30,8 +30,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from transformers import AutoModelForSemanticSegmentation, Trainer, TrainingArguments, set_seed
 
 import scale_utils
-from finetune import CHECKPOINTING, save_model_folder
-from mambavision_tools import model_code
+from finetune import CHECKPOINTING, trained_model
+from mambavision_tools import hub_folder, model_code
 from scale_utils import fail
 
 IGNORE = 255  # mmseg's ignore index: pixels without a label
@@ -273,8 +273,9 @@ def run(args):
     metrics = dict(trainer.train().metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-    save_model_folder(trainer, type(model), args.output_dir)
+    trained = trained_model(trainer, type(model))  # every process takes part
     if trainer.is_world_process_zero():
+        hub_folder.save_model_folder(trained, args.output_dir)
         output_dir = Path(args.output_dir)
         model_card(args, trainer, labels, metrics, len(eval_set or []), output_dir.name).save(output_dir / "README.md")
         trainer.save_metrics("all", metrics)

@@ -158,9 +158,11 @@ def render_card(variant_name, folder):
     """The model card of ``variant_name``'s entry rendered for the model in ``folder``, saved there as README.md;
     returns (its text, its repo id)."""
     from mambavision_tools import publishing, variants
+    from mambavision_tools import hub_folder
     from mambavision_tools.hub_folder import modeling
 
     variant = {**variants.VARIANTS, **variants.PROJECT_VARIANTS}[variant_name]
+    shutil.copy(Path(folder).parents[1] / "cat.jpg", Path(folder) / hub_folder.EXAMPLE_IMAGE)  # the widget's image
     model = modeling.MambaVisionModelForImageClassification.from_pretrained(folder)
     card = publishing.render_model_card(variant, model, variant.repo_id)
     card.save(Path(folder) / "README.md")
