@@ -164,8 +164,8 @@ if os.environ["STALL_IN"] == "checkpoint":
 elif os.environ["STALL_IN"] == "output":
     save_model_folder = finetune.hub_folder.save_model_folder
 
-    def save_model_folder_and_stall(model, folder):
-        save_model_folder(model, folder)
+    def save_model_folder_and_stall(model, folder, **kwargs):
+        save_model_folder(model, folder, **kwargs)
         stall()
 
     finetune.hub_folder.save_model_folder = save_model_folder_and_stall
