@@ -22,7 +22,19 @@ if not hasattr(torch.library, "custom_op"):  # the dispatcher falls back to the 
 
 # (channels per program, chunk length, warps): inference needs no saved states and takes its own shape
 INFER_CONFIG = (8, 16, 1)
+# Windows of 32x32 tokens and more (dense prediction at 512 and up) come as few long sequences: fewer channels per
+# program keep the multiprocessors busy (benchmarks/NOTES.md, 2026-12-04: T's level 2 at 512, 4,096 tokens,
+# 318 us at (2, 32, 1) against 500+ at (8, 16, 1))
+LONG_SEQUENCE, LONG_INFER_CONFIG, MIN_PROGRAMS = 1024, (4, 32, 1), 1024
 TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
+
+
+def infer_config(batch, dim, length):
+    """The inference launch config for ``batch`` sequences of ``dim`` channels and ``length`` tokens."""
+    if length < LONG_SEQUENCE:
+        return INFER_CONFIG
+    block, chunk, warps = LONG_INFER_CONFIG
+    return (block if batch * dim // block >= MIN_PROGRAMS else block // 2), chunk, warps
 
 
 @triton.jit
@@ -180,7 +192,7 @@ def _register_ops():
                   D: torch.Tensor, delta_bias: torch.Tensor, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         batch, dim, length = u.shape
         n = A.shape[1]
-        block, chunk, warps = TRAIN_CONFIG if save_states else INFER_CONFIG
+        block, chunk, warps = TRAIN_CONFIG if save_states else infer_config(batch, dim, length)
         y = torch.empty_like(u)  # in u's layout: a (B, C, L) view of (B, L, C) tokens stays one
         chunks = triton.cdiv(length, chunk) if save_states else 0
         states = torch.empty(batch, dim, chunks, n, device=u.device, dtype=torch.float32)

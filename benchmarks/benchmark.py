@@ -119,92 +119,43 @@ def ablated(name):
 
 
 @dataclass(frozen=True)
-class SegmentationCase:
-    """An ADE20K architecture at its size and batch, with NVIDIA's backbone there (ARCHITECTURE.md: H200, bf16
-    autocast, channels_last, mamba-ssm's scan): img/s and peak GiB, eager and compiled (default mode)."""
+class DenseCase:
+    """A dense-prediction architecture at its size and batch, with NVIDIA's backbone there where ARCHITECTURE.md
+    has it (H200, bf16 autocast, channels_last, mamba-ssm's scan): img/s and peak GiB, (eager, compiled)."""
 
-    variant: str
+    variant: str  # T, B, L3-512
+    part: str  # "backbone": the four normalised maps; otherwise the whole model (its heads' outputs)
+    height: int
+    width: int
     batch: int
-    original_img_s: tuple  # (eager, compiled)
-    original_peak_gib: tuple
+    original_img_s: Optional[tuple] = None
+    original_peak_gib: Optional[tuple] = None
+
+    @property
+    def name(self):
+        return f"{self.variant} {self.part}"
 
 
-SEGMENTATION_CASES = {
-    "T": SegmentationCase("MambaVision-T-1K-UPerNet-ADE20K-512", 16, (735, 787), (0.70, 0.48)),
-    "B": SegmentationCase("MambaVision-B-1K-UPerNet-ADE20K-512", 16, (398, 579), (1.40, 0.96)),
-    "L3-512": SegmentationCase("MambaVision-L3-512-21K-UPerNet-ADE20K-640", 8, (87, 112), (4.63, 3.36)),
-}
-SEGMENTATION_PARTS = ("backbone", "upernet")  # the backbone's four normalised maps; the whole model's logits
+SEGMENTATION_VARIANT_NAMES = {"T": "MambaVision-T-1K-UPerNet-ADE20K-512", "B": "MambaVision-B-1K-UPerNet-ADE20K-512",
+                              "L3-512": "MambaVision-L3-512-21K-UPerNet-ADE20K-640"}
+SEGMENTATION_CASES = [
+    DenseCase("T", "backbone", 512, 512, 16, (735, 787), (0.70, 0.48)),
+    DenseCase("T", "upernet", 512, 512, 16),
+    DenseCase("B", "backbone", 512, 512, 16, (398, 579), (1.40, 0.96)),
+    DenseCase("B", "upernet", 512, 512, 16),
+    DenseCase("L3-512", "backbone", 640, 640, 8, (87, 112), (4.63, 3.36)),
+    DenseCase("L3-512", "upernet", 640, 640, 8),
+]
 
 
-def build_segmentation(short, part):
-    """(model, image size): NVIDIA's ADE20K architecture ``short``, the backbone alone or with its heads."""
-    spec = SEGMENTATION_VARIANTS[SEGMENTATION_CASES[short].variant]
+def build_segmentation(case):
+    """NVIDIA's ADE20K architecture of ``case``: the backbone alone or with its UPerNet heads."""
+    spec = SEGMENTATION_VARIANTS[SEGMENTATION_VARIANT_NAMES[case.variant]]
     config = configuration.MambaVisionConfig(**spec.architecture, image_size=spec.image_size,
                                              out_indices=[1, 2, 3, 4])
-    if part == "backbone":
-        return modeling.MambaVisionBackbone(config).eval(), spec.image_size
-    return model_code.load("modeling_mambavision_segmentation").MambaVisionForSemanticSegmentation(config).eval(), \
-        spec.image_size
-
-
-def segmentation_case(args, short, part, compile_mode):
-    """Inference img/s and peak memory of one ADE20K case (bf16 autocast, channels_last, Triton scan)."""
-    torch._dynamo.reset()
-    os.environ[scan.ENV_BACKEND] = "triton"
-    model, size = build_segmentation(short, part)
-    model = model.cuda().to(memory_format=torch.channels_last)
-    batch = SEGMENTATION_CASES[short].batch
-    pixels = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
-    forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
-
-    def step():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            forward(pixels)
-
-    step()  # compile outside the timed region
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ms = time_cuda(step, args.warmup, args.iters)
-    return {"variant": f"{short} {part}", "mode": "infer", "batch": batch, "size": size, "dtype": "bf16",
-            "scan": "triton", "compile": compile_mode, "ms": ms, "img_s": batch * 1e3 / ms,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-
-
-def run_segmentation(args):
-    """Every ADE20K case (``--variants`` filters), each part, each compile mode; a failure is a row."""
-    rows = []
-    for short in [v for v in SEGMENTATION_CASES if not args.variants_given or v in args.variants]:
-        for part in SEGMENTATION_PARTS:
-            for compile_mode in args.compile_modes:
-                try:
-                    row = segmentation_case(args, short, part, compile_mode)
-                except Exception as error:  # report the failure in the table and go on
-                    row = {"variant": f"{short} {part}", "compile": compile_mode,
-                           "error": f"{type(error).__name__}: {error}"[:300]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                torch.cuda.empty_cache()
-    return rows
-
-
-def print_segmentation(rows, device):
-    """Our backbone against the original's best (the issue's goal: 1.5x, peak memory no higher)."""
-    print(f"\n### Segmentation backbones on {device}, torch {torch.__version__}, bf16 autocast, channels_last\n")
-    print("| case | compile | ours img/s (GiB) | original best img/s (GiB) | ratio | goal 1.5x | memory |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        short, part = row["variant"].rsplit(" ", 1)
-        if part != "backbone" or "error" in row:
-            continue
-        case = SEGMENTATION_CASES[short]
-        best = max(range(2), key=lambda i: case.original_img_s[i])
-        ratio = row["img_s"] / case.original_img_s[best]
-        memory_ok = row["peak_gib"] <= case.original_peak_gib[best]
-        print(f"| {short} b{row['batch']} {row['size']}px | {row['compile']} | {row['img_s']:,.0f} "
-              f"({row['peak_gib']:.2f}) | {case.original_img_s[best]:,} ({case.original_peak_gib[best]:.2f}, "
-              f"{('eager', 'compiled')[best]}) | {ratio:.2f}x | {'yes' if ratio >= 1.5 else '**no**'} | "
-              f"{'no higher' if memory_ok else '**higher**'} |")
+    if case.part == "backbone":
+        return modeling.MambaVisionBackbone(config).eval()
+    return model_code.load("modeling_mambavision_segmentation").MambaVisionForSemanticSegmentation(config).eval()
 
 
 def run_segmentation_cpu(args):
@@ -212,8 +163,8 @@ def run_segmentation_cpu(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.environ[scan.ENV_BACKEND] = "torch"
     rows = []
-    for part in SEGMENTATION_PARTS:
-        model, size = build_segmentation("T", part)
+    for case in [c for c in SEGMENTATION_CASES if c.variant == "T"]:
+        model, size = build_segmentation(case), case.height
         pixels = torch.randn(1, 3, size, size)
         with torch.no_grad():
             for _ in range(args.cpu_warmup):
@@ -223,7 +174,7 @@ def run_segmentation_cpu(args):
                 start = time.perf_counter()
                 model(pixels)
                 times.append((time.perf_counter() - start) * 1e3)
-        rows.append({"model": f"T {part} (ADE20K)", "batch": 1, "size": size, "threads": torch.get_num_threads(),
+        rows.append({"model": f"T {case.part} (ADE20K)", "batch": 1, "size": size, "threads": torch.get_num_threads(),
                      "ms": statistics.median(times), "img_s": 1e3 / statistics.median(times)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -429,25 +380,11 @@ def print_targets(results, device):
                   f"{with_['img_s'] / without['img_s']:.3f}x | {with_['peak_gib']:.2f} / {without['peak_gib']:.2f} |")
 
 
-@dataclass(frozen=True)
-class DetectionCase:
-    """A COCO backbone at a size and batch, with NVIDIA's backbone there where ARCHITECTURE.md has it (H200, bf16
-    autocast, channels_last, mamba-ssm's scan): img/s and peak GiB, (eager, compiled)."""
-
-    variant: str
-    part: str  # "backbone": the four normalised maps; "detector": MambaVisionForObjectDetection's forward
-    height: int
-    width: int
-    batch: int
-    original_img_s: Optional[tuple] = None
-    original_peak_gib: Optional[tuple] = None
-
-
 DETECTION_CASES = [
-    DetectionCase("T", "backbone", 800, 1344, 8, (165, 206), (1.01, 0.69)),
-    DetectionCase("B", "backbone", 800, 1344, 8, (98, 128), (1.93, 1.29)),
-    DetectionCase("T", "detector", 640, 640, 16),
-    DetectionCase("B", "detector", 640, 640, 16),
+    DenseCase("T", "backbone", 800, 1344, 8, (165, 206), (1.01, 0.69)),
+    DenseCase("B", "backbone", 800, 1344, 8, (98, 128), (1.93, 1.29)),
+    DenseCase("T", "detector", 640, 640, 16),
+    DenseCase("B", "detector", 640, 640, 16),
 ]
 
 
@@ -462,51 +399,60 @@ def build_detection(case):
     return detection.MambaVisionForObjectDetection(config).eval()
 
 
-def detection_case(args, case, compile_mode):
-    """Inference img/s and peak memory of one case (bf16 autocast, channels_last, Triton scan)."""
+def dense_case(args, case, build_model, compile_mode):
+    """Inference img/s and peak memory of one dense-prediction case (bf16 autocast, channels_last, Triton scan),
+    compiled with ``compile_mode`` and, as asked, inductor's freezing and parameter discarding."""
     torch._dynamo.reset()
     os.environ[scan.ENV_BACKEND] = "triton"
-    model = build_detection(case).cuda().to(memory_format=torch.channels_last)
+    model = build_model(case).cuda().to(memory_format=torch.channels_last)
     pixels = torch.randn(case.batch, 3, case.height, case.width, device="cuda").to(memory_format=torch.channels_last)
-    forward = torch.compile(model, mode=compile_mode) if compile_mode != "eager" else model
+    compiled = compile_mode != "eager"
+    torch._inductor.config.freezing = freezing = args.freezing and compiled
+    torch._inductor.config.freezing_discard_parameters = discard = args.discard_parameters and freezing
+    forward = torch.compile(model, mode=compile_mode) if compiled else model
 
     def step():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             forward(pixels)
 
+    started = time.perf_counter()
     step()  # compile outside the timed region
     torch.cuda.synchronize()
+    first_s = time.perf_counter() - started
     torch.cuda.reset_peak_memory_stats()
     ms = time_cuda(step, args.warmup, args.iters)
-    return {"variant": f"{case.variant} {case.part}", "mode": "infer", "batch": case.batch,
-            "size": f"{case.height}x{case.width}", "dtype": "bf16", "scan": "triton", "compile": compile_mode, "ms": ms,
-            "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if args.profile:
+        print_profile(step, f"{case.name} b{case.batch} {case.height}x{case.width} {compile_mode}")
+    return {"variant": case.name, "mode": "infer", "batch": case.batch, "size": f"{case.height}x{case.width}",
+            "dtype": "bf16", "scan": "triton",
+            "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else ""), "ms": ms,
+            "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_s": first_s}
 
 
-def run_detection(args):
-    """Every detection case (``--variants`` filters: T, B), each compile mode; a failure is a row."""
+def run_dense(args, cases, build_model):
+    """Every case (``--variants`` and ``--parts`` filter), each compile mode; a failure is a row."""
     rows = []
-    for case in [c for c in DETECTION_CASES if not args.variants_given or c.variant in args.variants]:
+    for case in [c for c in cases if (not args.variants_given or c.variant in args.variants)
+                 and (not args.parts or c.part in args.parts)]:
         for compile_mode in args.compile_modes:
             try:
-                row = detection_case(args, case, compile_mode)
+                row = dense_case(args, case, build_model, compile_mode)
             except Exception as error:  # report the failure in the table and go on
-                row = {"variant": f"{case.variant} {case.part}", "compile": compile_mode,
-                       "error": f"{type(error).__name__}: {error}"[:300]}
+                row = {"variant": case.name, "compile": compile_mode, "error": f"{type(error).__name__}: {error}"[:300]}
             print(json.dumps(row), flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
     return rows
 
 
-def print_detection(rows, device):
-    """The backbone rows against the original's best (the goal: 1.5x, peak memory no higher)."""
-    print(f"\n### COCO backbones on {device}, torch {torch.__version__}, bf16 autocast, channels_last\n")
+def print_dense(rows, cases, title):
+    """The backbone rows against the original's best (the issues' goal: 1.5x, peak memory no higher)."""
+    print(f"\n### {title}, torch {torch.__version__}, bf16 autocast, channels_last\n")
     print("| case | compile | ours img/s (GiB) | original best img/s (GiB) | ratio | goal 1.5x | memory |")
     print("|---|---|---|---|---|---|---|")
-    cases = {f"{case.variant} {case.part}": case for case in DETECTION_CASES}
+    by_name = {case.name: case for case in cases}
     for row in rows:
-        case = cases[row["variant"]]
+        case = by_name[row["variant"]]
         if "error" in row or case.original_img_s is None:
             continue
         best = max(range(2), key=lambda i: case.original_img_s[i])
@@ -677,6 +623,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
     parser.add_argument("--detection", action="store_true",
                         help="GPU: NVIDIA's COCO backbones (T, B) at 800x1344 b8 and the detector at 640x640 b16")
+    parser.add_argument("--parts", nargs="+", choices=("backbone", "upernet", "detector"),
+                        help="with --segmentation or --detection: only these parts (default all)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     args.variants_given, args.variants = args.variants is not None, args.variants or ["T"]
@@ -685,9 +633,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         device = torch.cuda.get_device_name()
         if args.segmentation:
-            rows = run_segmentation(args)
+            rows = run_dense(args, SEGMENTATION_CASES, build_segmentation)
         elif args.detection:
-            rows = run_detection(args)
+            rows = run_dense(args, DETECTION_CASES, build_detection)
         elif args.targets:
             results = run_targets(args)
             rows = [row for _, case_rows in results for row in case_rows]
@@ -699,9 +647,9 @@ def main(argv=None):
     print(f"\n{device}, torch {torch.__version__}")
     print_table(rows)
     if args.device == "cuda" and args.segmentation:
-        print_segmentation(rows, device)
+        print_dense(rows, SEGMENTATION_CASES, f"Segmentation backbones on {device}")
     elif args.device == "cuda" and args.detection:
-        print_detection(rows, device)
+        print_dense(rows, DETECTION_CASES, f"COCO backbones on {device}")
     elif args.device == "cuda" and args.targets:
         print_targets(results, device)
     if args.json:

@@ -23,13 +23,17 @@ reference = model_code.load("selective_scan").selective_scan_ref
 
 # (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so the level-2/3 mixers
 # of T, S and B at batch 256 (inference) and 128 (training); the 512x512 variants' levels 2 and 3 (32x32 and
-# 16x16 windows) at batch 32
+# 16x16 windows) at batch 32; the dense-prediction backbones' levels 2 and 3, each a single padded window:
+# segmentation at 512 b16 (64x64, 32x32; L3 at 640 b8) and detection at 800x1344 b8 (112x112, 56x56)
 SHAPES = {"T-l2-b256": (256, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256": (256, 256, 196),
           "B-l3-b256": (256, 512, 49), "L2-512-l2-b32": (32, 392, 1024), "L2-512-l3-b32": (32, 784, 256),
           "L3-512-l2-b32": (32, 512, 1024), "L3-512-l3-b32": (32, 1024, 256),
           "T-l2-b128-train": (128, 160, 196), "T-l3-b128-train": (128, 320, 49),
           "S-l2-b128-train": (128, 192, 196), "S-l3-b128-train": (128, 384, 49),
-          "B-l2-b128-train": (128, 256, 196), "B-l3-b128-train": (128, 512, 49)}
+          "B-l2-b128-train": (128, 256, 196), "B-l3-b128-train": (128, 512, 49),
+          "T-seg-l2-b16": (16, 160, 4096), "T-seg-l3-b16": (16, 320, 1024), "B-seg-l2-b16": (16, 256, 4096),
+          "B-seg-l3-b16": (16, 512, 1024), "L3-seg-l2-b8": (8, 512, 4096), "L3-seg-l3-b8": (8, 1024, 1024),
+          "T-det-l2-b8": (8, 160, 12544), "T-det-l3-b8": (8, 320, 3136), "B-det-l2-b8": (8, 256, 12544)}
 
 
 def inputs(seqs, dim, length, dtype=torch.bfloat16):
@@ -47,9 +51,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     parser.add_argument("--configs", nargs="+", type=lambda c: tuple(int(v) for v in c.split(",")),
-                        help="block,chunk,warps triples (default: every block 8-64, chunk 1-32, warps 1-4)")
+                        help="block,chunk,warps triples (default: every block 2-64, chunk 1-32, warps 1-4)")
     args = parser.parse_args(argv)
-    configs = args.configs or [c for c in itertools.product((8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4))
+    configs = args.configs or [c for c in itertools.product((2, 4, 8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4))
                                if c[0] * c[1] <= 1024]
     for name in args.shapes:
         shape = SHAPES[name]
@@ -59,6 +63,7 @@ def main(argv=None):
         rows = []
         for config in configs:
             kernels.INFER_CONFIG = kernels.TRAIN_CONFIG = config
+            kernels.infer_config = lambda *shape, config=config: config  # every length at this config
             try:
                 if train:
                     leaves = [t.detach().requires_grad_() for t in args]

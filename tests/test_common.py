@@ -134,25 +134,31 @@ def test_eager_runs_no_fused_attention_and_sdpa_does(folder, monkeypatch):
 
 def test_disk_and_cpu_offload_match_the_model_in_memory(folder, tmp_path):
     """``device_map="auto"`` with too little memory offloads to disk (weights loaded block by block by accelerate's
-    hooks); CPU offload: from_pretrained's with a GPU, else accelerate's cpu_offload (the same hooks)."""
-    in_memory = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    with torch.no_grad():
-        want = in_memory(pixels()).logits
+    hooks); CPU offload: from_pretrained's with a GPU, else accelerate's cpu_offload (the same hooks). Offloaded
+    models compute on the GPU where there is one, so the model in memory does too (TF32 off: exact float32)."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    in_memory = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval().to(device)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = in_memory(pixels().to(device)).logits.cpu()
+    # Without a GPU entry in max_memory, transformers places the whole model on the GPU: give it almost nothing.
+    tight = {0: 20_000, "cpu": 20_000} if cuda else {"cpu": 20_000}
     disk = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, device_map="auto",
-                                                           max_memory={"cpu": 20_000}, offload_folder=tmp_path).eval()
+                                                           max_memory=tight, offload_folder=tmp_path).eval()
     assert "disk" in set(disk.hf_device_map.values())
-    if torch.cuda.is_available():
+    if cuda:  # room on the GPU for about half the weights: the rest stays on the CPU
+        half = sum(p.numel() * p.element_size() for p in in_memory.parameters()) // 2
         cpu = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, device_map="auto",
-                                                              max_memory={0: 20_000, "cpu": 10**9}).eval()
+                                                              max_memory={0: half, "cpu": 10**9}).eval()
         assert "cpu" in set(cpu.hf_device_map.values())
     else:
         cpu = accelerate.cpu_offload(AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
                                      .eval(), execution_device=torch.device("cpu"))
         assert all(p.is_meta for p in cpu.parameters())  # weights live in the hooks' CPU copy
     for offloaded in (disk, cpu):
-        with torch.no_grad():
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             got = offloaded(pixels()).logits
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5 if cuda else 1e-6, atol=1e-5 if cuda else 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -58,6 +58,19 @@ def compare_with_reference(batch, dim, length, dtype, device, seed, backend="tri
     return errors
 
 
+def inference_error(batch, dim, length, dtype, device, seed):
+    """Relative error of the Triton scan without gradients (its inference launch configs) against the reference."""
+    scan = model_code.load("selective_scan")
+    inputs = {k: v.detach() for k, v in scan_problem(batch, dim, length, dtype, device, seed).items()}
+    order = ("u", "delta", "A", "B", "C", "D")
+    with torch.no_grad():
+        fast = scan._FAST_BACKENDS["triton"]()(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
+                                               delta_softplus=True)
+        ref = scan.selective_scan_ref(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
+                                      delta_softplus=True)
+    return relative_error(fast, ref)
+
+
 INTERPRETER_CHECK = """
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
@@ -66,6 +79,9 @@ for shape in [(2, 20, 37), (1, 16, 16), (2, 5, 3)]:
     errors = compare_with_reference(*shape, dtype=__import__("torch").float32, device="cpu", seed=sum(shape))
     worst = max(errors.values())
     assert worst < 1e-5, (shape, errors)
+from test_triton_scan import inference_error
+for shape in [(2, 20, 37), (1, 4, 1024)]:  # the short and the long-sequence inference configs
+    assert inference_error(*shape, dtype=__import__("torch").float32, device="cpu", seed=1) < 1e-5, shape
 print("ok")
 """
 
@@ -89,6 +105,19 @@ def test_triton_scan_matches_reference_on_gpu(shape, dtype):
     tolerance = TOLERANCES[dtype]
     assert errors["out"] < tolerance["out"], errors
     assert all(e < tolerance["grad"] for name, e in errors.items() if name != "out"), errors
+
+
+INFERENCE_SHAPES = [(8, 160, 196), (1, 96, 1024), (8, 512, 1024)]  # one shape per inference launch config
+
+
+@needs_cuda
+@triton_missing
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=str)
+def test_triton_inference_configs_match_reference_on_gpu(shape, dtype):
+    kernels = model_code.load("selective_scan_triton")
+    assert len({kernels.infer_config(*s) for s in INFERENCE_SHAPES}) == len(INFERENCE_SHAPES)
+    assert inference_error(*shape, dtype=dtype, device="cuda", seed=sum(shape)) < TOLERANCES[dtype]["out"]
 
 
 def _mamba_ssm_works():
