@@ -311,7 +311,8 @@ def run(args):
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, lr_scheduler_type="cosine",
         warmup_steps=0.05, bf16=not use_cpu, use_cpu=use_cpu, seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=args.num_workers, remove_unused_columns=False, eval_do_concat_batches=False,
-        eval_strategy="no", logging_steps=args.logging_steps, report_to="none", ddp_find_unused_parameters=False,
+        eval_strategy="no", logging_steps=args.logging_steps, report_to="none",
+        ddp_find_unused_parameters=True,  # the backbone's stage-1 output norm, which the head does not read
     )
     with scale_utils.output_lock(args):
         return train(args, training_args)
