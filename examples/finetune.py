@@ -28,7 +28,6 @@ computes the losses of an uninterrupted one.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -274,19 +273,6 @@ def training_arguments(args, scratch, evaluate):
     return training_args
 
 
-def trained_model(trainer, model_class):
-    """The trained model on process 0 (None on the others), its weights gathered from every process (FSDP shards
-    too), all of them taking part. A new model of the original class: under FSDP2 the trained model's class is a
-    subclass made by torch, whose module and name would be saved instead."""
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if not trainer.is_world_process_zero():
-        return None
-    with torch.device("meta"):  # no memory, no initialisation: the weights come next
-        model = model_class(trainer.model.config)
-    model.load_state_dict(state_dict, assign=True)
-    return model
-
-
 def example_image(eval_pairs, train_pairs, to_rgb):
     """The folder's example (the card's widget shows it): the first evaluation image, else the first training one."""
     pairs = eval_pairs if eval_pairs is not None and len(eval_pairs) else train_pairs
@@ -351,9 +337,7 @@ def check_arguments(parser, args):
         parser.error("--output-dir is required")
     if args.eval_dir and not args.train_dir:
         parser.error("--eval-dir goes with --train-dir (with --dataset: --eval-split)")
-    output = Path(args.output_dir) if args.output_dir else None
-    if output and output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        parser.error(f"the output folder {output} exists and is not empty (pass --overwrite to replace it)")
+    scale_utils.check_output_dir(parser, args)
 
 
 def parse_arguments(argv):
@@ -369,8 +353,6 @@ def parse_arguments(argv):
     parser.add_argument("--image-column", default="image", help="--dataset image column (default: image)")
     parser.add_argument("--label-column", default="label", help="--dataset ClassLabel column (default: label)")
     parser.add_argument("--synthetic-classes", type=int, default=1000, help="classes of --synthetic (default 1000)")
-    parser.add_argument("--output-dir", help="the Hub-ready folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the --push-to-hub repository private")
     parser.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
@@ -394,7 +376,7 @@ def parse_arguments(argv):
     parser.add_argument("--timing-warmup", type=int, default=10,
                         help="steps left out of the throughput measurement (default: 10)")
     parser.add_argument("--metrics-file", help="write the throughput and peak memory to this JSON file")
-    scale_utils.add_checkpoint_arguments(parser)
+    scale_utils.add_output_arguments(parser, required=False)
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     return args
@@ -428,9 +410,6 @@ def train(args, training_args, evaluate):
                                                   ignore_mismatched_sizes=True)
         checkpoint = scale_utils.resume_point(args) if args.output_dir else None
     model_class = type(model)  # FSDP2 changes the class of the model it shards
-    finished = scale_utils.finished_state(checkpoint)
-    if finished:  # killed after its last step: the trained weights, no more training
-        model = model_class.from_pretrained(checkpoint)
     # The loss is a mean over the batch: Trainer must scale it for gradient accumulation and leave it alone
     # across processes (it would normalise by num_items_in_batch for model code whose forward has **kwargs,
     # as a --model from another repository may have).
@@ -450,15 +429,12 @@ def train(args, training_args, evaluate):
         callbacks.append(scale_utils.CompleteCheckpoints(args.save_total_limit))
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=processor, compute_metrics=accuracy, callbacks=callbacks)
-    if finished:
-        trainer.state, metrics = finished, {}
-    else:
-        metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
     if args.synthetic:
         return 0
-    model = trained_model(trainer, model_class)  # every process takes part
+    model = scale_utils.trained_model(trainer, model_class)  # every process takes part
     if not trainer.is_world_process_zero():
         return 0
     output_dir = Path(args.output_dir)
@@ -466,8 +442,7 @@ def train(args, training_args, evaluate):
     with scale_utils.staged_output(args) as folder:
         example = example_image(eval_pairs, train_pairs, processor.to_rgb_image)
         hub_folder.save_model_folder(model, folder, example_image=example)
-        (folder / "all_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
-        trainer.state.save_to_json(folder / "trainer_state.json")
+        scale_utils.save_results(folder, trainer, metrics)
         model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(folder / "README.md")
     print(f"wrote {output_dir}" + (f" (eval accuracy {metrics['eval_accuracy']:.4f})" if eval_set else ""))
     if args.push_to_hub:

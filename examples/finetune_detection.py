@@ -20,6 +20,11 @@ edge ``--image-size``), normalises and pads; evaluation reports COCO box mAP (to
 on pycocotools). The output folder is Hub-ready (weights, config, model code, image processor, model card) and
 loads with ``AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True)`` or
 ``pipeline("object-detection", model=folder, trust_remote_code=True)``.
+
+Long runs lose no finished work, as with finetune.py: the training state is saved every --save-steps optimizer steps
+into ``<output-dir>-checkpoints`` and the same command run again resumes from the newest complete checkpoint
+(--no-resume starts over), computing the uninterrupted run's losses; the output folder appears whole or not at
+all, after which the checkpoints go unless --keep-checkpoints.
 """
 
 import argparse
@@ -262,7 +267,6 @@ def parse_arguments(argv):
     parser.add_argument("--eval-annotations", help="COCO json of --eval-images")
     parser.add_argument("--train-split", default="train", help="--dataset split to train on (default: train)")
     parser.add_argument("--eval-split", help="--dataset split to evaluate on (default: none)")
-    parser.add_argument("--output-dir", required=True, help="the Hub-ready folder to write")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
     parser.add_argument("--image-size", type=int, default=800, help="shortest image edge (default: 800)")
     parser.add_argument("--max-size", type=int, default=1333, help="longest image edge (default: 1333)")
@@ -279,6 +283,7 @@ def parse_arguments(argv):
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
+    scale_utils.add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.layers < 2:  # transformers 5.x fails to build Deformable DETR with one decoder layer
         parser.error("--layers must be at least 2")
@@ -286,9 +291,7 @@ def parse_arguments(argv):
         parser.error("--train-images needs --train-annotations")
     if bool(args.eval_images) != bool(args.eval_annotations):
         parser.error("--eval-images and --eval-annotations go together")
-    output = Path(args.output_dir)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        parser.error(f"the output folder {output} exists and is not empty")
+    scale_utils.check_output_dir(parser, args)
     return args
 
 
@@ -302,40 +305,49 @@ def main(argv=None):
 
 def run(args):
     use_cpu = args.cpu or not torch.cuda.is_available()
-    train_set, eval_set, labels = load_data(args)
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+    training_args = TrainingArguments(  # first: it sets up torchrun's processes
+        **scale_utils.checkpointing(args), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, lr_scheduler_type="cosine",
         warmup_steps=0.05, bf16=not use_cpu, use_cpu=use_cpu, seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=args.num_workers, remove_unused_columns=False, eval_do_concat_batches=False,
-        eval_strategy="no", save_strategy="no", logging_steps=args.logging_steps, report_to="none",
-        ddp_find_unused_parameters=False,
+        eval_strategy="no", logging_steps=args.logging_steps, report_to="none",
+        ddp_find_unused_parameters=True,  # the backbone's stage-1 output norm, which the head does not read
     )
+    with scale_utils.output_lock(args):
+        return train(args, training_args)
+
+
+def train(args, training_args):
     with scale_utils.main_process_first():
+        train_set, eval_set, labels = load_data(args)
         set_seed(args.seed)  # the new head's initialisation
         model = build_model(args, labels)
+        checkpoint = scale_utils.resume_point(args)
     processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
     trainer = DetectionTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=Collator(processor), compute_metrics=box_map(processor),
-                               backbone_learning_rate=args.backbone_learning_rate)
-    metrics = dict(trainer.train().metrics)
+                               backbone_learning_rate=args.backbone_learning_rate,
+                               callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-    if trainer.is_world_process_zero():
-        output_dir = Path(args.output_dir)
-        hub_folder.save_detector_folder(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()  # trainer_state.json: the logged losses
-        repo_id = args.push_to_hub or output_dir.name
-        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
-        summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""
-        print(f"wrote {output_dir}{summary}")
-        if args.push_to_hub:
-            try:
-                publishing.push_to_hub(output_dir, args.push_to_hub, commit_message="Upload fine-tuned MambaVision detector")
-            except ConversionError as error:
-                fail(str(error))
+    trained = scale_utils.trained_model(trainer, type(model))  # every process takes part
+    if not trainer.is_world_process_zero():
+        return 0
+    output_dir = Path(args.output_dir)
+    repo_id = args.push_to_hub or output_dir.name
+    with scale_utils.staged_output(args) as folder:
+        hub_folder.save_detector_folder(trained, processor, folder)
+        scale_utils.save_results(folder, trainer, metrics)
+        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(folder / "README.md")
+    summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""
+    print(f"wrote {output_dir}{summary}")
+    if args.push_to_hub:
+        try:
+            publishing.push_to_hub(output_dir, args.push_to_hub, commit_message="Upload fine-tuned MambaVision detector")
+        except ConversionError as error:
+            fail(str(error))
     return 0
 
 

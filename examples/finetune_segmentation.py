@@ -15,6 +15,11 @@ Training sees mmseg's augmentation at the model's size (random rescale 0.5-2x ke
 flip); evaluation the image processor's resize, with masks resized to the same size (nearest), and reports the mean
 IoU over classes present (torchmetrics' macro Jaccard index, unlabelled pixels ignored), as mmseg does. The output
 folder is Hub-ready: weights, config with the class names, model code, image processor and a short model card.
+
+Long runs lose no finished work, as with finetune.py: the training state is saved every --save-steps optimizer steps
+into ``<output-dir>-checkpoints`` and the same command run again resumes from the newest complete checkpoint
+(--no-resume starts over); the output folder appears whole or not at all, after which the checkpoints go unless
+--keep-checkpoints. With --no-augment (fixed centre crops) a resumed run computes the uninterrupted run's losses.
 """
 
 import argparse
@@ -30,7 +35,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from transformers import AutoModelForSemanticSegmentation, Trainer, TrainingArguments, set_seed
 
 import scale_utils
-from finetune import CHECKPOINTING, trained_model
+from finetune import CHECKPOINTING
 from mambavision_tools import hub_folder, model_code
 from scale_utils import fail
 
@@ -59,11 +64,13 @@ Trained with transformers' Trainer (`examples/finetune_segmentation.py`): {{ ste
 
 
 class SegmentationExamples(torch.utils.data.Dataset):
-    """(image, mask) pairs -> ``{"pixel_values", "labels"}``: mmseg's training augmentation at ``crop`` pixels, or
-    the processor's test resize (``crop=None``); masks follow the image with nearest-neighbour resizing."""
+    """(image, mask) pairs -> ``{"pixel_values", "labels"}``: mmseg's training augmentation at ``crop`` pixels
+    (``augment=False``: the same crop without randomness), or the processor's test resize (``crop=None``); masks
+    follow the image with nearest-neighbour resizing."""
 
-    def __init__(self, pairs, processor, crop=None, reduce_zero_label=False):
+    def __init__(self, pairs, processor, crop=None, reduce_zero_label=False, augment=True):
         self.pairs, self.processor, self.crop, self.reduce_zero_label = pairs, processor, crop, reduce_zero_label
+        self.augment = augment
 
     def __len__(self):
         return len(self.pairs)
@@ -80,22 +87,24 @@ class SegmentationExamples(torch.utils.data.Dataset):
             fail(f"image {index} is {tuple(pixels.shape[1:])} but its mask {tuple(mask.shape)}")
         if self.crop is None:
             return {"pixel_values": self.processor.normalize_pixels(pixels), "labels": resize_mask(mask, pixels.shape[1:])}
-        return self.augment(pixels, mask)
-
-    def augment(self, pixels, mask):
-        """mmseg's RandomResize (ratio 0.5-2 of the crop scale, keeping the ratio), RandomCrop and RandomFlip;
-        a crop larger than the image is padded (0 after normalisation, masks 255), as mmseg's preprocessor does.
-        Draws from torch's generator, which Trainer seeds (and each DataLoader worker from it)."""
+        if not self.augment:  # the shorter side at the crop size, the centre crop, no flip
+            return self.crop_example(pixels, mask, ratio=1.0, position=(0.5, 0.5), flip=False)
+        # draws from torch's generator, which Trainer seeds (and each DataLoader worker from it)
         draw = lambda: torch.rand(()).item()  # noqa: E731
-        scale = self.crop * (0.5 + 1.5 * draw()) / min(pixels.shape[1:])
+        return self.crop_example(pixels, mask, ratio=0.5 + 1.5 * draw(), position=(draw(), draw()), flip=draw() < 0.5)
+
+    def crop_example(self, pixels, mask, ratio, position, flip):
+        """mmseg's RandomResize (the shorter side to ``ratio`` x the crop size, keeping the aspect ratio), RandomCrop
+        (``position``: where in the room left, as fractions from the top and the left) and RandomFlip; a crop larger
+        than the image is padded (0 after normalisation, masks 255), as mmseg's preprocessor does."""
+        scale = self.crop * ratio / min(pixels.shape[1:])
         size = [max(1, int(side * scale + 0.5)) for side in pixels.shape[1:]]
         pixels = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False)[0].round()
         mask = resize_mask(mask, size)
-        top = int(draw() * (max(size[0] - self.crop, 0) + 1))
-        left = int(draw() * (max(size[1] - self.crop, 0) + 1))
+        top, left = (int(fraction * (max(side - self.crop, 0) + 1)) for fraction, side in zip(position, size))
         pixels = self.processor.normalize_pixels(pixels[:, top:top + self.crop, left:left + self.crop])
         mask = mask[top:top + self.crop, left:left + self.crop]
-        if draw() < 0.5:
+        if flip:
             pixels, mask = pixels.flip(-1), mask.flip(-1)
         pad = (0, self.crop - mask.shape[1], 0, self.crop - mask.shape[0])
         return {"pixel_values": F.pad(pixels, pad), "labels": F.pad(mask, pad, value=IGNORE)}
@@ -170,10 +179,10 @@ def class_map(logits, labels):
     return logits.argmax(dim=1)
 
 
-def training_arguments(args, output_dir, evaluate):
+def training_arguments(args, evaluate):
     use_cpu = args.cpu or not torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        **scale_utils.checkpointing(args), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=1,  # whole images, unpadded
         gradient_accumulation_steps=args.gradient_accumulation, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, lr_scheduler_type="polynomial", warmup_steps=args.warmup_steps,
@@ -181,7 +190,7 @@ def training_arguments(args, output_dir, evaluate):
         **{CHECKPOINTING: args.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         ddp_find_unused_parameters=True,  # the auxiliary head is used for the loss only: unused in evaluation
         seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers,
-        remove_unused_columns=False, eval_strategy="epoch" if evaluate else "no", save_strategy="no",
+        remove_unused_columns=False, eval_strategy="epoch" if evaluate else "no",
         batch_eval_metrics=True, logging_steps=args.logging_steps, report_to="none",
     )
 
@@ -217,7 +226,8 @@ def parse_arguments(argv):
     parser.add_argument("--labels", help="class names, one per line (default: labels.txt, else the model's)")
     parser.add_argument("--reduce-zero-label", action="store_true", help="masks' 0 is unlabelled, classes from 1")
     parser.add_argument("--crop-size", type=int, help="training crop (default: the model's image_size)")
-    parser.add_argument("--output-dir", required=True, help="the Hub-ready folder to write")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="train on fixed crops: the shorter side at --crop-size, the centre (no randomness)")
     parser.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="crops per process and step (default: 8)")
@@ -231,9 +241,11 @@ def parse_arguments(argv):
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of new weights and the data order (default 0)")
+    scale_utils.add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.eval_dir and not args.train_dir:
         parser.error("--eval-dir goes with --train-dir (with --dataset: --eval-split)")
+    scale_utils.check_output_dir(parser, args)
     return args
 
 
@@ -247,7 +259,12 @@ def main(argv=None):
 
 def run(args):
     evaluate = bool(args.eval_dir or (args.dataset and args.eval_split))
-    training_args = training_arguments(args, args.output_dir, evaluate)  # first: it sets up torchrun's processes
+    training_args = training_arguments(args, evaluate)  # first: it sets up torchrun's processes
+    with scale_utils.output_lock(args):
+        return train(args, training_args, evaluate)
+
+
+def train(args, training_args, evaluate):
     with scale_utils.main_process_first():
         set_seed(args.seed)  # the new heads' initialisation
         train_pairs = folder_pairs(args.train_dir) if args.train_dir else dataset_pairs(args, args.train_split)
@@ -261,25 +278,29 @@ def run(args):
         model, _ = scale_utils.load_model(args, AutoModelForSemanticSegmentation, fields,
                                           ignore_mismatched_sizes=True)
         labels = labels or [model.config.id2label[i] for i in range(model.config.num_labels)]
+        checkpoint = scale_utils.resume_point(args)
     processing = model_code.load("image_processing_mambavision_segmentation")
     processor = processing.MambaVisionSegmentationImageProcessor.from_model_config(model.config)
     crop = args.crop_size or model.config.image_size
-    train_set = SegmentationExamples(train_pairs, processor, crop, args.reduce_zero_label)
+    train_set = SegmentationExamples(train_pairs, processor, crop, args.reduce_zero_label, augment=not args.no_augment)
     eval_set = SegmentationExamples(eval_pairs, processor, None, args.reduce_zero_label) if evaluate else None
     model.accepts_loss_kwargs = False  # the loss is mmseg's mean over pixels: Trainer leaves it alone
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=processor, compute_metrics=MeanIoU(len(labels)),
-                      preprocess_logits_for_metrics=class_map)
-    metrics = dict(trainer.train().metrics)
+                      preprocess_logits_for_metrics=class_map,
+                      callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-    trained = trained_model(trainer, type(model))  # every process takes part
-    if trainer.is_world_process_zero():
-        hub_folder.save_model_folder(trained, args.output_dir)
-        output_dir = Path(args.output_dir)
-        model_card(args, trainer, labels, metrics, len(eval_set or []), output_dir.name).save(output_dir / "README.md")
-        trainer.save_metrics("all", metrics)
-        print(f"wrote {output_dir}" + (f" (eval mean IoU {metrics['eval_mean_iou']:.4f})" if eval_set else ""))
+    trained = scale_utils.trained_model(trainer, type(model))  # every process takes part
+    if not trainer.is_world_process_zero():
+        return 0
+    output_dir = Path(args.output_dir)
+    with scale_utils.staged_output(args) as folder:
+        hub_folder.save_model_folder(trained, folder)
+        scale_utils.save_results(folder, trainer, metrics)
+        model_card(args, trainer, labels, metrics, len(eval_set or []), output_dir.name).save(folder / "README.md")
+    print(f"wrote {output_dir}" + (f" (eval mean IoU {metrics['eval_mean_iou']:.4f})" if eval_set else ""))
     return 0
 
 

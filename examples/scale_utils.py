@@ -9,25 +9,30 @@ folder, so that benchmarks of the large variants run offline.
 Fine-tuning (with Trainer) loses no finished work: Trainer saves its state (model, optimizer, scheduler, RNG,
 step) every ``--save-steps`` into ``<output-dir>-checkpoints``, ``CompleteCheckpoints`` marks each one complete once
 every process has written it and keeps the newest ``--save-total-limit``, and the same command run again resumes
-from the newest complete one (``resume_point``); the output folder is written beside and renamed into place
-(``staged_output``), after which the checkpoints go unless ``--keep-checkpoints``. A script uses them as::
+from the newest complete one (``resume_point``, ``train``); the output folder is written beside and renamed into
+place (``staged_output``), after which the checkpoints go unless ``--keep-checkpoints``. The three fine-tuning
+scripts use them as::
 
+    add_output_arguments(parser); ...; check_output_dir(parser, args)
     TrainingArguments(**scale_utils.checkpointing(args), ...)
     with scale_utils.output_lock(args):
         with scale_utils.main_process_first():
+            ...  # load the data and the model
             checkpoint = scale_utils.resume_point(args)
         trainer = Trainer(..., callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
-        trainer.train(resume_from_checkpoint=checkpoint)  # unless finished_state(checkpoint): see there
-        ...  # gather the weights on every process
+        metrics = scale_utils.train(trainer, checkpoint)
+        model = scale_utils.trained_model(trainer, model_class)  # every process takes part
         if trainer.is_world_process_zero():
             with scale_utils.staged_output(args) as folder:
                 ...  # write the output into folder
+                scale_utils.save_results(folder, trainer, metrics)
 """
 
 import argparse
 import contextlib
 import difflib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -220,7 +225,10 @@ def _positive_int(text):
     return value
 
 
-def add_checkpoint_arguments(parser):
+def add_output_arguments(parser, required=True):
+    """--output-dir (the Hub-ready folder, written whole at the end), --overwrite, and the checkpoints' arguments."""
+    parser.add_argument("--output-dir", required=required, help="the Hub-ready folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     group = parser.add_argument_group("checkpoints", "the same command run again resumes from the newest complete one")
     group.add_argument("--save-steps", type=_positive_int, default=500,
                        help="save the training state every N optimizer steps (default: 500)")
@@ -230,6 +238,13 @@ def add_checkpoint_arguments(parser):
     group.add_argument("--keep-checkpoints", action="store_true",
                        help="keep them once the output folder is written (default: removed then)")
     group.add_argument("--no-resume", action="store_true", help="start over: remove the checkpoints of an earlier run")
+
+
+def check_output_dir(parser, args):
+    """Refuse, before any training, an --output-dir that a finished run would not be allowed to replace."""
+    output = Path(args.output_dir) if args.output_dir else None
+    if output and output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        parser.error(f"the output folder {output} exists and is not empty (pass --overwrite to replace it)")
 
 
 def checkpoint_dir(args):
@@ -325,12 +340,79 @@ def resume_point(args):
 
 def finished_state(checkpoint):
     """The TrainerState of ``checkpoint`` where it was saved at the end of training (the run was killed while
-    writing its output), else None. Trainer resumed from it would take one more step (5.x): load its weights
-    (``from_pretrained``) and state instead of training."""
+    writing its output), else None."""
     if checkpoint is None:
         return None
     state = TrainerState.load_from_json(Path(checkpoint) / "trainer_state.json")
     return state if state.global_step >= state.max_steps else None
+
+
+def train(trainer, checkpoint):
+    """``trainer.train`` resumed from ``checkpoint`` (``resume_point``'s): its metrics. From a checkpoint saved at
+    the end of training, the trainer takes the checkpoint's weights and state instead and trains no more (Trainer
+    resumed from it would take one more step, 5.x): no metrics. Every process calls it, before the model is
+    wrapped (FSDP, DDP).
+
+    The weights are loaded here, through ``from_pretrained``, and not only by Trainer: transformers 5 saves some
+    models' weights under their original names (Deformable DETR's) and Trainer loads them without renaming them
+    back, leaving most weights as they were (huggingface/transformers#43701); its warnings about those keys are
+    dropped, the weights being loaded already."""
+    if checkpoint is not None:
+        load_weights(trainer.model, checkpoint)
+    finished = finished_state(checkpoint)
+    if finished is not None:
+        trainer.state = finished
+        return {}
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addFilter(_unmatched_keys_warnings)
+    try:
+        return dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    finally:
+        trainer_logger.removeFilter(_unmatched_keys_warnings)
+
+
+def _unmatched_keys_warnings(record):
+    return "keys in the checkpoint model loaded" not in record.getMessage()
+
+
+def load_weights(model, checkpoint):
+    """The weights (and buffers) of a checkpoint that Trainer saved from a model like ``model`` into ``model``, in
+    place (where Trainer put it: its device); a checkpoint that lacks any, has others or has them in other shapes
+    (another model's: the command changed) is refused in one line."""
+    try:
+        with quiet_loading():
+            trained, info = type(model).from_pretrained(checkpoint, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:  # no weights file, an unreadable one, not its config's
+        fail(f"cannot resume from {checkpoint}: {first_line(error)}; --no-resume starts over")
+    expected, weights = model.state_dict(), trained.state_dict()
+    wrong = {"missing": {*map(str, info.get("missing_keys") or ()), *(expected.keys() - weights.keys())},
+             "unexpected": {*map(str, info.get("unexpected_keys") or ()), *(weights.keys() - expected.keys())},
+             "of another shape": {name for name in expected.keys() & weights.keys()
+                                  if expected[name].shape != weights[name].shape}}
+    if any(wrong.values()):
+        fail(f"cannot resume from {checkpoint}: its weights do not fit the model (" + "; ".join(
+            f"{len(names)} {what}, e.g. {min(names)}" for what, names in wrong.items() if names) +
+            "); --no-resume starts over")
+    model.load_state_dict(weights)
+
+
+def trained_model(trainer, model_class):
+    """The trained model on process 0 (None on the others), its weights gathered from every process (FSDP shards
+    too), all of them taking part. A new model of the original class: under FSDP2 the trained model's class is a
+    subclass made by torch, whose module and name would be saved instead."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    with torch.device("meta"):  # no memory, no initialisation: the weights come next
+        model = model_class(trainer.model.config)
+    model.load_state_dict(state_dict, assign=True)
+    return model
+
+
+def save_results(folder, trainer, metrics):
+    """``all_results.json`` (``metrics``) and ``trainer_state.json`` (the logged losses) into ``folder``."""
+    (Path(folder) / "all_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+    trainer.state.save_to_json(Path(folder) / "trainer_state.json")
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import shapes
 from conftest import (FIXTURES, TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling,
                       needs_shared)
 from convert_checkpoint import main as convert_main
+from kill_and_resume import assert_same_training, kill_twice_then_finish
 from mambavision_tools import variants
 from mambavision_tools.configs import build_config, config_from_architecture
 from mambavision_tools.hub_folder import save_detector_folder, save_model_folder
@@ -254,6 +255,7 @@ def test_coco_variant_refuses_other_checkpoints(given, fragments, coco_variant, 
 # measured 0.051 held-out mAP@0.5 (0.019 mAP) and a training loss from 6.0 to 3.4; an untrained head scores ~0.
 # A modest bar: DETR-style heads need far more steps than CI affords to place boxes well.
 MIN_HELD_OUT_MAP50 = 0.03
+RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--d-model", "32", "--layers", "2", "--queries", "8",
                 "--max-steps", "200", "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate",
                 "1e-3", "--num-workers", "0", "--logging-steps", "20", "--cpu"]
@@ -315,3 +317,27 @@ def test_finetune_detection_on_a_datasets_dataset(backbone_folder, tmp_path):
     detector = pipeline("object-detection", model=str(output), trust_remote_code=True)
     # not a 64x64 image: with d_model 32, GroupNorm's one channel per group would see a single value at stride 64
     assert {d["label"] for d in detector(detection_worker.picture(), threshold=0.0)} <= set(shapes.CATEGORIES)
+
+
+def test_finetune_detection_killed_resumes_with_the_same_command(backbone_folder, tmp_path, capsys):
+    """Killed while writing its second checkpoint, then while writing the output folder: each rerun of the same
+    command resumes from the newest complete checkpoint and takes only the steps after it, across an epoch's end;
+    the output folder never appears half-written; the end is the uninterrupted run's, step by step (the head's
+    dropout draws from the RNG state the checkpoint restores)."""
+    data = shapes.write_coco_folder(tmp_path / "coco", 6, size=64, seed=3)
+
+    def arguments(output):  # 4 steps of 2 images, 3 steps an epoch, a checkpoint every 2
+        return [str(arg) for arg in ["--backbone", backbone_folder, "--train-images", data / "images",
+                                     "--train-annotations", data / "annotations.json", "--output-dir", output,
+                                     "--image-size", 64, "--max-size", 64, "--d-model", 32, "--layers", 2,
+                                     "--queries", 8, "--max-steps", 4, "--save-steps", 2, "--batch-size", 2,
+                                     "--learning-rate", 1e-3, "--cpu", "--num-workers", 0, "--logging-steps", 1]]
+
+    uninterrupted = tmp_path / "uninterrupted" / "shapes-detector"
+    finetune_detection.main(arguments(uninterrupted))
+    output = tmp_path / "resumed" / "shapes-detector"
+    output.parent.mkdir()
+    kill_twice_then_finish("finetune_detection", arguments(output), output, steps_per_epoch=3, capsys=capsys)
+    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    assert AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True).config.id2label == \
+        dict(enumerate(shapes.CATEGORIES))

@@ -12,11 +12,9 @@ model itself gives per image; a run SIGKILLed midway (mid-write) completes when 
 
 import json
 import os
-import re
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import extract_features
 import finetune
 import scale_utils
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
+from kill_and_resume import assert_same_training, kill_twice_then_finish, kill_when, logged_losses, run_script
 from mambavision_tools import publishing
 from mambavision_tools.hub_folder import save_model_folder
 from test_serving import load_handler_module
@@ -100,98 +99,12 @@ def image_tree(tmp_path_factory):
     return root
 
 
-def logged_losses(folder):
-    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
-
-
 def finetune_arguments(model_folder, class_tree, output):
     """A 4-step fine-tune, checkpointed every 2 steps: 24 images in global batches of 8 (3 steps an epoch)."""
     return [str(arg) for arg in ["--model", model_folder, "--train-dir", class_tree / "train", "--eval-dir",
                                  class_tree / "val", "--max-steps", 4, "--batch-size", 4, "--no-augment",
                                  "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
                                  "--timing-warmup", 1, "--save-steps", 2, "--output-dir", output]]
-
-
-def kill_when(run, ready, log, timeout=240):
-    """SIGKILL ``run`` (a launcher started in a session of its own) and its child processes (torchrun gives each
-    rank a session of its own) once ``ready()`` holds: the run stalls where the test wants the kill to land, so it
-    lands there for sure. Fails with the run's log if the run ended or ``timeout`` passed first."""
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        if run.poll() is None:
-            children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
-            for process_group in {os.getpgid(pid) for pid in [run.pid, *map(int, children)]} - {os.getpgrp()}:
-                os.killpg(process_group, signal.SIGKILL)
-        run.wait()
-    assert ready(), log.read_text()[-3000:]
-
-
-# finetune.py that prints each optimizer step it takes and, as STALL_IN says, stalls (each process) while Trainer
-# writes its second checkpoint (weights and optimizer written; RNG and trainer state not) or while the output
-# folder is written (its weights written, the rest not); it touches $STALLED.<rank> when it does
-STALLING_FINETUNE = """
-import os, sys, time
-sys.path.insert(0, {examples!r})
-import finetune, scale_utils
-from transformers import Trainer
-
-
-def stall():
-    open(f"{{os.environ['STALLED']}}.{{os.environ.get('RANK', 0)}}", "w").close()
-    time.sleep(600)
-
-
-def print_step(self, args, state, control, **kwargs):
-    if state.is_world_process_zero:
-        print(f"optimizer step {{state.global_step}}", flush=True)
-
-
-scale_utils.CompleteCheckpoints.on_step_end = print_step
-if os.environ["STALL_IN"] == "checkpoint":
-    save_rng_state, saves = Trainer._save_rng_state, []
-
-    def save_rng_state_or_stall(self, output_dir):
-        saves.append(output_dir)
-        if len(saves) == 2:
-            stall()
-        save_rng_state(self, output_dir)
-
-    Trainer._save_rng_state = save_rng_state_or_stall
-elif os.environ["STALL_IN"] == "output":
-    save_model_folder = finetune.hub_folder.save_model_folder
-
-    def save_model_folder_and_stall(model, folder, **kwargs):
-        save_model_folder(model, folder, **kwargs)
-        stall()
-
-    finetune.hub_folder.save_model_folder = save_model_folder_and_stall
-sys.exit(finetune.main())
-"""
-
-
-def run_finetune(arguments, processes, folder, stall_in=""):
-    """finetune.py with ``arguments`` through ``STALLING_FINETUNE`` on 1 process (python) or 2 (torchrun), run to
-    its end or, with ``stall_in``, killed where it stalls; returns its output and the optimizer steps it took."""
-    folder.mkdir()
-    script = folder / "stalling_finetune.py"
-    script.write_text(STALLING_FINETUNE.format(examples=str(ROOT / "examples")))
-    log, stalled = folder / "log", folder / "stalled"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STALL_IN": stall_in, "STALLED": str(stalled)}
-    command = [sys.executable, script, *arguments] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
-         *arguments]
-    with open(log, "w") as log_file:
-        run = subprocess.Popen(command, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    if stall_in:
-        kill_when(run, lambda: all(Path(f"{stalled}.{rank}").exists() for rank in range(processes)), log)
-    else:
-        assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
-    output = log.read_text()
-    return output, [int(step) for step in re.findall(r"optimizer step (\d+)\n", output)]
 
 
 class FakeHub:  # --push-to-hub without a network: record what would be uploaded
@@ -220,44 +133,13 @@ def uninterrupted(model_folder, class_tree, tmp_path_factory):
         return output, FakeHub.uploads
 
 
-def assert_same_training(resumed, uninterrupted, rtol):
-    """The same loss at every step, and the same weights (BatchNorm's statistics too) at the end."""
-    losses, expected = logged_losses(resumed), logged_losses(uninterrupted)
-    assert len(losses) == len(expected) == 4 and expected[0] != expected[-1]
-    np.testing.assert_allclose(losses, expected, rtol=rtol)
-    weights, expected_weights = load_file(resumed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
-    assert weights.keys() == expected_weights.keys()
-    for name in weights:
-        torch.testing.assert_close(weights[name], expected_weights[name], rtol=rtol, atol=0,
-                                   msg=lambda message, name=name: f"{name}: {message}")
-
-
 def test_finetune_killed_resumes_with_the_same_command(model_folder, class_tree, uninterrupted, tmp_path, capsys):
     """Killed while writing its second checkpoint, then while writing the output folder: each rerun of the same
     command resumes from the newest complete checkpoint and takes only the steps after it; the output folder
     never appears half-written; the end is the uninterrupted run's, step by step."""
-    output, checkpoints = tmp_path / "pets-model", tmp_path / "pets-model-checkpoints"
+    output = tmp_path / "pets-model"
     arguments = finetune_arguments(model_folder, class_tree, output) + ["--gradient-accumulation", "2"]
-
-    _, steps = run_finetune(arguments, 1, tmp_path / "first", stall_in="checkpoint")
-    assert steps == [1, 2, 3, 4] and not output.exists()
-    assert (checkpoints / "checkpoint-2" / scale_utils.COMPLETE).is_file()
-    assert (checkpoints / "checkpoint-4" / "optimizer.pt").is_file()  # cut short
-    assert not (checkpoints / "checkpoint-4" / scale_utils.COMPLETE).exists()
-
-    log, steps = run_finetune(arguments, 1, tmp_path / "second", stall_in="output")
-    assert f"resuming from {checkpoints / 'checkpoint-2'} (step 2, epoch 0.67); removed checkpoint-4 from " \
-           f"{checkpoints} (cut short before complete)\n" in log
-    assert steps == [3, 4] and not output.exists()
-    staging, = tmp_path.glob(".pets-model.*.partial")
-    assert (staging / "pets-model" / "model.safetensors").is_file()  # the kill landed while writing the folder
-
-    finetune.main(arguments)  # once more, to the end, in this process
-    printed = capsys.readouterr().out
-    assert f"resuming from {checkpoints / 'checkpoint-4'} (step 4, epoch 1.33); training had finished\n" in printed
-    assert f"removed {staging.name}, left by an interrupted fine-tuning run" in printed
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["first", "pets-model", "second"]  # checkpoints gone
-    assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in uninterrupted[0].iterdir())
+    kill_twice_then_finish("finetune", arguments, output, steps_per_epoch=3, capsys=capsys)
     assert_same_training(output, uninterrupted[0], RESUME_RTOL)
 
 
@@ -267,12 +149,12 @@ def test_finetune_two_processes_resume_and_match_one(model_folder, class_tree, u
     of 8, in the same order; BatchNorm normalises each micro-batch of 4 either way)."""
     two, checkpoints = tmp_path / "two", tmp_path / "two-checkpoints"
     arguments = finetune_arguments(model_folder, class_tree, two)
-    _, steps = run_finetune(arguments, 2, tmp_path / "killed", stall_in="checkpoint")
+    _, steps = run_script("finetune", arguments, 2, tmp_path / "killed", stall_in="checkpoint")
     assert steps == [1, 2, 3, 4] and not two.exists()
     assert (checkpoints / "checkpoint-2" / scale_utils.COMPLETE).is_file()
     assert not (checkpoints / "checkpoint-4" / scale_utils.COMPLETE).exists()
 
-    log, steps = run_finetune(arguments, 2, tmp_path / "resumed")
+    log, steps = run_script("finetune", arguments, 2, tmp_path / "resumed")
     assert log.count("resuming from") == 1 and f"resuming from {checkpoints / 'checkpoint-2'} (step 2, " in log
     assert steps == [3, 4] and "throughput: train" in log and "2 processes" in log
     assert not checkpoints.exists()
@@ -337,6 +219,20 @@ def test_finetune_bad_data_is_one_line(tmp_path, monkeypatch, arguments, message
         finetune.main(["--variant", "MambaVision-Digits", "--train-dir", "empty", "--output-dir", "out", *arguments])
     assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # nothing written
+
+
+def test_finetune_refuses_a_checkpoint_of_another_model(model_folder, class_tree, tmp_path):
+    """A complete checkpoint that the same command did not write (here: another model's, its head for 5 classes
+    where the data has 3) is refused in one line, before any training; nothing is written."""
+    output, checkpoint = tmp_path / "pets-model", tmp_path / "pets-model-checkpoints" / "checkpoint-2"
+    shutil.copytree(model_folder, checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4, "epoch": 0.67}))
+    (checkpoint / scale_utils.COMPLETE).touch()
+    with pytest.raises(SystemExit) as error:
+        finetune.main(finetune_arguments(model_folder, class_tree, output))
+    assert str(error.value).startswith(f"error: cannot resume from {checkpoint}: its weights do not fit the model (2 "
+                                       "of another shape, e.g. model.head.bias); --no-resume starts over")
+    assert "\n" not in str(error.value) and not output.exists() and (checkpoint / scale_utils.COMPLETE).is_file()
 
 
 def read_features(folder):

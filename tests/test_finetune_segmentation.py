@@ -12,12 +12,14 @@ from transformers import AutoModelForSemanticSegmentation
 
 import finetune_segmentation
 from conftest import model_code, tiny_config
+from kill_and_resume import assert_same_training, kill_twice_then_finish
 from mambavision_tools.hub_folder import save_model_folder
 
 CLASSES = ["background", "square", "disc"]
 SIZE = 64
 # held-out mean IoU over the three classes: 0.51 measured (12 epochs, ~25 CPU-seconds); after one epoch about 0.3
 MIN_MEAN_IOU = 0.45
+RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 
 
 def shapes_picture(rng):
@@ -74,3 +76,25 @@ def test_finetuning_learns_to_segment_shapes(tiny_segmenter, tmp_path):
     model = AutoModelForSemanticSegmentation.from_pretrained(out, trust_remote_code=True).eval()
     assert [model.config.id2label[i] for i in range(3)] == CLASSES
     assert "image-segmentation" in (out / "README.md").read_text()
+
+
+def test_finetuning_killed_resumes_with_the_same_command(tiny_segmenter, tmp_path, capsys):
+    """Killed while writing its second checkpoint, then while writing the output folder: each rerun of the same
+    command resumes from the newest complete checkpoint and takes only the steps after it, across an epoch's end;
+    the output folder never appears half-written; the end is the uninterrupted run's, step by step."""
+    train, held_out = write_shapes(tmp_path / "train", 6, seed=1), write_shapes(tmp_path / "val", 2, seed=2)
+
+    def arguments(output):  # 4 steps of 2 fixed 32x32 crops, 3 steps an epoch, a checkpoint every 2
+        return [str(arg) for arg in ["--model", tiny_segmenter, "--train-dir", train, "--eval-dir", held_out,
+                                     "--output-dir", output, "--max-steps", 4, "--save-steps", 2, "--batch-size", 2,
+                                     "--crop-size", 32, "--no-augment", "--learning-rate", 1e-3, "--cpu",
+                                     "--num-workers", 0, "--logging-steps", 1]]
+
+    uninterrupted = tmp_path / "uninterrupted" / "shapes-model"
+    finetune_segmentation.main(arguments(uninterrupted))
+    output = tmp_path / "resumed" / "shapes-model"
+    output.parent.mkdir()
+    kill_twice_then_finish("finetune_segmentation", arguments(output), output, steps_per_epoch=3, capsys=capsys)
+    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    model = AutoModelForSemanticSegmentation.from_pretrained(output, trust_remote_code=True)
+    assert [model.config.id2label[i] for i in range(3)] == CLASSES
