@@ -324,7 +324,7 @@ def run(args):
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         output_dir = Path(args.output_dir)
-        hub_folder.save_detector_folder(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir)
+        hub_folder.save_head_folder(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir)
         trainer.save_metrics("all", metrics)
         trainer.save_state()  # trainer_state.json: the logged losses
         repo_id = args.push_to_hub or output_dir.name
