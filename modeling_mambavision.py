@@ -731,12 +731,24 @@ class HeadOnMambaVisionBackbone:
     stay in eval mode (statistics frozen, as detection fine-tuning does with small batches).
     """
 
+    backbone_out_features = None  # the stage maps the head reads (set by each model class)
+
     def __init__(self, config):
         AutoBackbone.register(MambaVisionConfig, MambaVisionBackbone, exist_ok=True)
         super().__init__(config)
         parent, name = next((parent, name) for parent in self.modules() for name, child in parent.named_children()
                             if isinstance(child, MambaVisionBackbone))
         setattr(parent, name, MambaVisionBackbone(config.backbone_config))
+
+    @classmethod
+    def from_backbone(cls, pretrained, **config_kwargs):
+        """A new model on the weights of a MambaVision folder or Hub id (a converted classifier or COCO backbone,
+        whose final norm and classifier are left out), the head initialised at random: ``config_kwargs`` are the
+        head's configuration (``id2label``, sizes)."""
+        backbone = MambaVisionBackbone.from_pretrained(pretrained, out_features=cls.backbone_out_features)
+        model = cls(cls.config_class(backbone_config=backbone.config, **config_kwargs))
+        model.backbone.load_state_dict(backbone.state_dict())
+        return model
 
     @property
     def backbone(self):

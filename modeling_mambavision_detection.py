@@ -88,6 +88,7 @@ class MambaVisionForObjectDetection(LegacyGammaLoading, HeadOnMambaVisionBackbon
     (its own BatchNorms, frozen statistics in training: ``HeadOnMambaVisionBackbone``)."""
 
     config_class = MambaVisionDetectionConfig
+    backbone_out_features = DETECTION_OUT_FEATURES
 
     if DEFORMABLE_DETR_LOSS is not None:
 
@@ -110,5 +111,10 @@ class MambaVisionObjectDetectionPipeline(ObjectDetectionPipeline):
         if self.image_processor is None:
             self.image_processor = AutoImageProcessor.from_pretrained(self.model.config.name_or_path)
 
+
+# save_pretrained writes this file's code and the auto_map: what transformers registers when an Auto class loads the
+# model, except on 4.46 to 4.52 (see modeling_mambavision), and what a model built here needs
+MambaVisionDetectionConfig.register_for_auto_class()
+MambaVisionForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 
 __all__ = ["MambaVisionDetectionConfig", "MambaVisionForObjectDetection", "MambaVisionObjectDetectionPipeline"]

@@ -68,6 +68,7 @@ class MambaVisionForUniversalSegmentation(LegacyGammaLoading, HeadOnMambaVisionB
     """
 
     config_class = MambaVisionMask2FormerConfig
+    backbone_out_features = INSTANCE_OUT_FEATURES
 
 
 class MambaVisionInstanceSegmentationPipeline(ImageSegmentationPipeline):
@@ -83,6 +84,11 @@ class MambaVisionInstanceSegmentationPipeline(ImageSegmentationPipeline):
     def postprocess(self, model_outputs, subtask="instance", **kwargs):
         return super().postprocess(model_outputs, subtask=subtask, **kwargs)
 
+
+# save_pretrained writes this file's code and the auto_map: what transformers registers when an Auto class loads the
+# model, except on 4.46 to 4.52 (see modeling_mambavision), and what a model built here needs
+MambaVisionMask2FormerConfig.register_for_auto_class()
+MambaVisionForUniversalSegmentation.register_for_auto_class("AutoModelForUniversalSegmentation")
 
 __all__ = ["MambaVisionMask2FormerConfig", "MambaVisionForUniversalSegmentation",
            "MambaVisionInstanceSegmentationPipeline"]

@@ -317,6 +317,7 @@ def test_finetune_detection_on_a_datasets_dataset(backbone_folder, tmp_path):
                              "--queries", "8", "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--cpu"])
     metrics = json.loads((output / "all_results.json").read_text())
     assert 0.0 <= metrics["eval_map_50"] <= 1.0
+    assert (output / "handler.py").is_file()  # the folder serves itself on Inference Endpoints
     detector = pipeline("object-detection", model=str(output), trust_remote_code=True)
     # not a 64x64 image: with d_model 32, GroupNorm's one channel per group would see a single value at stride 64
     assert {d["label"] for d in detector(detection_worker.picture(), threshold=0.0)} <= set(shapes.CATEGORIES)

@@ -10,12 +10,13 @@ from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProc
 
 import detection_worker
 import instance_segmentation_worker
-from conftest import TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, needs_shared, randomize_batchnorm
+from conftest import (TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling, needs_shared,
+                      randomize_batchnorm)
 from mambavision_tools.configs import config_from_architecture
-from mambavision_tools.hub_folder import save_head_folder
+from mambavision_tools.hub_folder import save_head_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
 from test_compat import VERSIONS, site
-from test_detection import run_rows
+from test_detection import run_rows, start_row
 from test_segmentation import SEG_SIZES, load_seg_fixture
 
 instance = model_code.load("modeling_mambavision_instance_segmentation")
@@ -115,6 +116,33 @@ def test_save_and_reload_in_process_is_exact(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(pixels).masks_queries_logits, model(pixels).masks_queries_logits,
                                    rtol=0, atol=0)
+
+
+def test_a_model_built_on_a_classifier_folder_saves_with_its_code(tmp_path):
+    """The README's route: ``from_backbone`` on a converted classifier folder (its backbone's weights, the head new),
+    then plain ``save_pretrained``: the folder holds the code and auto_map, and reloads through the Auto class in a
+    fresh process on the main environment and on 4.46.3 (a release that registers no remote code it loads)."""
+    torch.manual_seed(0)
+    classifier = randomize_batchnorm(modeling.MambaVisionModelForImageClassification(
+        configuration.MambaVisionConfig(**TINY_ARCHITECTURE, layer_scale=0.3, num_labels=3)))
+    save_model_folder(classifier.eval(), tmp_path / "classifier")
+    model = instance.MambaVisionForUniversalSegmentation.from_backbone(tmp_path / "classifier", id2label=LABELS, **HEAD)
+    weights, expected = model.backbone.state_dict(), classifier.state_dict()
+    assert weights and all(torch.equal(tensor, expected[key]) for key, tensor in weights.items())
+    assert model.config.backbone_config.out_features == instance.INSTANCE_OUT_FEATURES
+    folder = tmp_path / "built"
+    model.eval().save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    pixels = torch.randn(2, 3, 64, 96)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        outputs = model(pixel_values=pixels)
+    for row, pythonpath in (("main", None), ("4.46.3", site("4.46.3"))):
+        process = start_row(instance_segmentation_worker, folder, tmp_path / f"{row}.pt", pythonpath)
+        assert process.returncode == 0, process.stderr[-4000:]
+        got = torch.load(tmp_path / f"{row}.pt", weights_only=False)
+        assert got["loading_problems"] == "{}" and got["pipeline"] == "MambaVisionInstanceSegmentationPipeline"
+        torch.testing.assert_close(got["masks_queries_logits"], outputs.masks_queries_logits, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
