@@ -3,20 +3,25 @@ folder reloaded in fresh processes on every transformers release of the matrix, 
 loss from the image processor's labels, and the maps it feeds the pixel decoder checked against NVIDIA's backbone
 (../shared/fixtures/seg_tiny_upernet: the ``MM_mamba_vision`` with per-output norms that the COCO backbones are)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProcessor
+from PIL import Image
+from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProcessor, pipeline
 
 import detection_worker
+import finetune_instance_segmentation
 import instance_segmentation_worker
+import shapes
 from conftest import (TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling, needs_shared,
                       randomize_batchnorm)
 from mambavision_tools.configs import config_from_architecture
 from mambavision_tools.hub_folder import save_head_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
 from test_compat import VERSIONS, site
-from test_detection import run_rows, start_row
+from test_detection import backbone_folder, run_rows, start_row  # noqa: F401 (backbone_folder: a fixture)
 from test_segmentation import SEG_SIZES, load_seg_fixture
 
 instance = model_code.load("modeling_mambavision_instance_segmentation")
@@ -200,3 +205,49 @@ def test_fresh_process_reload_and_pipeline(row, saved, rows):
         assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
         if got["processed"].equal(pixels):  # the same instance, pixel for pixel
             np.testing.assert_array_equal(mask == 255, (instances["segmentation"] == info["id"]).numpy())
+
+
+# --- fine-tuning: examples/finetune_instance_segmentation.py ----------------------------------------------------
+
+# The learning run (generated squares and discs with their outlines, 64x64, a random tiny backbone under a small
+# head, 150 steps): measured held-out mask mAP@0.5 0.37 (mAP 0.18) and a training loss from 27.4 to 14.3; the
+# untrained model scores 0.004.
+MIN_HELD_OUT_MASK_MAP50 = 0.2
+LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--hidden-dim", "32", "--encoder-layers", "1",
+                "--decoder-layers", "3", "--queries", "8", "--train-points", "256", "--max-steps", "150",
+                "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate", "1e-3", "--num-workers", "0",
+                "--logging-steps", "20", "--cpu"]
+
+
+def test_finetune_instance_segmentation_learns_generated_shapes(backbone_folder, tmp_path):
+    """Held-out mask mAP@0.5 above MIN_HELD_OUT_MASK_MAP50 after 150 steps; the folder serves in the pipeline."""
+    train = shapes.write_coco_folder(tmp_path / "train", 160, size=64, seed=0)
+    held_out = shapes.write_coco_folder(tmp_path / "held_out", 40, size=64, seed=1)
+    output = tmp_path / "instances"
+    finetune_instance_segmentation.main(["--backbone", str(backbone_folder), "--train-images", str(train / "images"),
+                                         "--train-annotations", str(train / "annotations.json"),
+                                         "--eval-images", str(held_out / "images"),
+                                         "--eval-annotations", str(held_out / "annotations.json"),
+                                         "--output-dir", str(output), *LEARNING_RUN])
+    metrics = json.loads((output / "all_results.json").read_text())
+    assert metrics["eval_map_50"] > MIN_HELD_OUT_MASK_MAP50, metrics
+    losses = [entry["loss"] for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
+              if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert (output / "handler.py").is_file() and "image-segmentation" in (output / "README.md").read_text()
+    segmenter = pipeline("image-segmentation", model=str(output), trust_remote_code=True)
+    image = Image.open(held_out / "images" / "00000.png")
+    assert {segment["label"] for segment in segmenter(image, threshold=0.0)} <= set(shapes.CATEGORIES)
+
+
+def test_finetune_refuses_annotations_without_masks(backbone_folder, tmp_path):
+    folder = shapes.write_coco_folder(tmp_path / "boxes", 2, size=64)
+    coco = json.loads((folder / "annotations.json").read_text())
+    for annotation in coco["annotations"]:
+        del annotation["segmentation"]
+    (folder / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(SystemExit, match=r"annotations\.json: annotation 0 has no segmentation \(polygons or RLE\)"):
+        finetune_instance_segmentation.main(["--backbone", str(backbone_folder), "--train-images",
+                                             str(folder / "images"), "--train-annotations",
+                                             str(folder / "annotations.json"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
