@@ -718,7 +718,6 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-
 class HeadOnMambaVisionBackbone:
     """For a transformers head that builds its backbone with ``load_backbone`` from ``config.backbone_config`` (a
     mixin before the head's class; the detection and instance-segmentation models).
@@ -761,6 +760,7 @@ class HeadOnMambaVisionBackbone:
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
         return self
+
 
 # The Hub folder's recipe: the classes each Auto* entry point loads with trust_remote_code (config.json holds
 # the config and model entries, preprocessor_config.json the image processor's), and the code files a folder
