@@ -15,9 +15,10 @@ raises ``ValueError`` with one line naming the problem: the toolkit answers any 
 status 400 and ``{"error": str(exception)}``; returning an error dict instead would go out with status 200.
 
 The task is the folder's own (``TASKS``: the entry whose model class the config names), or ``HF_TASK`` when the
-endpoint sets one of ``TASKS`` (a classifier's folder also serves ``image-feature-extraction``). A task is one
-``Task`` entry: its pipeline task, the parameters a request may give and their checks, and the pipeline's keyword
-arguments made from them.
+endpoint sets one of the tasks the folder serves (a classifier's folder also serves ``image-feature-extraction``).
+A task is one ``Task`` entry: its pipeline task, the parameters a request may give and their checks, the
+pipeline's keyword arguments made from them, and its answer as JSON: segmentation masks as base64-encoded PNGs, as
+the toolkit encodes the PIL images of transformers' own image-segmentation pipeline.
 """
 
 import base64
@@ -36,7 +37,7 @@ from transformers.image_utils import load_image
 
 URL_TIMEOUT_S = 10.0
 MAX_IMAGES = 64  # per request: a batch decoded at once must fit in memory
-BATCH_SIZE = 16  # images per forward pass within a request
+BATCH_SIZE = 16  # images per forward pass within a request, where they have one size
 
 
 def _positive_int(name, value):
@@ -51,6 +52,32 @@ def _boolean(name, value):
     return value
 
 
+def _fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"parameter {name!r} must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _subtask(name, value):
+    if value not in SUBTASKS:
+        raise ValueError(f"parameter {name!r} must be one of {', '.join(SUBTASKS)}, got {value!r}")
+    return value
+
+
+SUBTASKS = ("instance", "panoptic", "semantic")  # a model answers those its image processor post-processes
+
+
+def _png_masks(segments):
+    """image-segmentation's answer with each mask (a PIL image, 0 or 255) as a base64-encoded PNG."""
+    return [{**segment, "mask": _png_base64(segment["mask"])} for segment in segments]
+
+
+def _png_base64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 @dataclass(frozen=True)
 class Task:
     """One task a folder serves.
@@ -59,20 +86,34 @@ class Task:
         model_classes: the config ``architectures`` whose folder serves this task by default.
         parameters: each parameter a request may give -> its check (name, value) -> value, raising ValueError.
         defaults: pipeline keyword arguments sent with every call (request parameters override them).
+        also_from: further ``architectures`` whose folder serves this task when ``HF_TASK`` asks for it.
+        batch_size: images per forward pass within a request; 1 where images keep their own sizes (detection and
+            segmentation processors resize keeping the aspect ratio), which the pipeline's batching cannot stack.
     """
 
     model_classes: tuple
     parameters: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
     to_json: Callable = lambda result: result  # one image's pipeline answer -> JSON types
+    also_from: tuple = ()
+    batch_size: int = BATCH_SIZE
 
 
-# Segmentation (PNG masks, base64 as the toolkit encodes PIL images) and detection (``threshold``) are one entry each.
+# The parameters are those of the Inference API's task specifications; their defaults are the pipelines' own.
 TASKS = {
     "image-classification": Task(("MambaVisionModelForImageClassification",), {"top_k": _positive_int},
                                  defaults={"top_k": 5}),
     # pooled features; ``stages``: each stage map averaged over its positions too
-    "image-feature-extraction": Task(("MambaVisionModel",), {"stages": _boolean}, defaults={"pool": True}),
+    "image-feature-extraction": Task(("MambaVisionModel",), {"stages": _boolean}, defaults={"pool": True},
+                                     also_from=("MambaVisionModelForImageClassification",)),
+    # [{"score", "label", "box": {"xmin", "ymin", "xmax", "ymax"}}]: the detections scoring above ``threshold``
+    "object-detection": Task(("MambaVisionForObjectDetection",), {"threshold": _fraction}, batch_size=1),
+    # [{"score", "label", "mask"}]: a semantic model's one mask per class present (score null; the thresholds do not
+    # apply), a Mask2Former model's one per instance scoring above ``threshold``
+    "image-segmentation": Task(("MambaVisionForSemanticSegmentation", "MambaVisionForUniversalSegmentation"),
+                               {"threshold": _fraction, "mask_threshold": _fraction,
+                                "overlap_mask_area_threshold": _fraction, "subtask": _subtask},
+                               to_json=_png_masks, batch_size=1),
 }
 # the toolkit's default task names when the endpoint runs a custom handler
 UNSET_TASKS = (None, "", "custom")
@@ -84,7 +125,13 @@ def folder_task(config):
         for name, task in TASKS.items():
             if architecture in task.model_classes:
                 return name
-    raise ValueError(f"no task serves a model saved as {config.architectures}; set HF_TASK to one of {list(TASKS)}")
+    raise ValueError(f"no task of this handler serves a model saved as {config.architectures}")
+
+
+def served_tasks(config):
+    """The tasks a folder's ``config`` serves: its own, and those that take it too (``also_from``)."""
+    architectures = set(config.architectures or ())
+    return [name for name, task in TASKS.items() if architectures & {*task.model_classes, *task.also_from}]
 
 
 def _check_parameters(task_name, parameters):
@@ -163,6 +210,9 @@ class EndpointHandler:
             task = folder_task(config)
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not served by this handler; use one of {list(TASKS)}")
+        if task not in served_tasks(config):
+            raise ValueError(f"task {task!r} is not served by a model saved as {config.architectures}; "
+                             f"this folder serves {served_tasks(config)}")
         self.task = task
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -179,8 +229,9 @@ class EndpointHandler:
             raise ValueError(f"unknown request field {unknown[0]!r} (expected 'inputs' and 'parameters')")
         parameters = _check_parameters(self.task, data.get("parameters"))
         images, batched = decode_inputs(data["inputs"])
-        arguments = {**TASKS[self.task].defaults, **parameters}
+        task = TASKS[self.task]
+        arguments = {**task.defaults, **parameters}
         with self._lock:
-            results = self.pipeline(images, batch_size=min(len(images), BATCH_SIZE), **arguments)
-        results = [TASKS[self.task].to_json(result) for result in results]
+            results = self.pipeline(images, batch_size=min(len(images), task.batch_size), **arguments)
+        results = [task.to_json(result) for result in results]
         return results if batched else results[0]

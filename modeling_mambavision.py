@@ -17,7 +17,7 @@ from packaging import version
 from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from transformers import PreTrainedModel
+from transformers import AutoBackbone, PreTrainedModel
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
@@ -718,6 +718,50 @@ class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class HeadOnMambaVisionBackbone:
+    """For a transformers head that builds its backbone with ``load_backbone`` from ``config.backbone_config`` (a
+    mixin before the head's class; the detection and instance-segmentation models).
+
+    ``load_backbone`` knows only transformers' own model types: this registers ``MambaVisionBackbone`` for
+    ``MambaVisionConfig`` (the key is the class object, so nothing global is renamed) before the head is built, so
+    a saved model reloads in a fresh process. The head's result is then replaced by a ``MambaVisionBackbone`` as
+    MambaVision builds and initialises it (heads swap BatchNorms for frozen ones with eps 1e-5, the stem's is 1e-4,
+    or re-initialise them), so it computes exactly what ``MambaVisionBackbone`` does. In training its BatchNorms
+    stay in eval mode (statistics frozen, as detection fine-tuning does with small batches).
+    """
+
+    backbone_out_features = None  # the stage maps the head reads (set by each model class)
+
+    def __init__(self, config):
+        AutoBackbone.register(MambaVisionConfig, MambaVisionBackbone, exist_ok=True)
+        super().__init__(config)
+        parent, name = next((parent, name) for parent in self.modules() for name, child in parent.named_children()
+                            if isinstance(child, MambaVisionBackbone))
+        setattr(parent, name, MambaVisionBackbone(config.backbone_config))
+
+    @classmethod
+    def from_backbone(cls, pretrained, **config_kwargs):
+        """A new model on the weights of a MambaVision folder or Hub id (a converted classifier or COCO backbone,
+        whose final norm and classifier are left out), the head initialised at random: ``config_kwargs`` are the
+        head's configuration (``id2label``, sizes)."""
+        backbone = MambaVisionBackbone.from_pretrained(pretrained, out_features=cls.backbone_out_features)
+        model = cls(cls.config_class(backbone_config=backbone.config, **config_kwargs))
+        model.backbone.load_state_dict(backbone.state_dict())
+        return model
+
+    @property
+    def backbone(self):
+        """The ``MambaVisionBackbone`` (its place in the head differs between heads and transformers releases)."""
+        return next(module for module in self.modules() if isinstance(module, MambaVisionBackbone))
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+
 # The Hub folder's recipe: the classes each Auto* entry point loads with trust_remote_code (config.json holds
 # the config and model entries, preprocessor_config.json the image processor's), and the code files a folder
 # holds beside its weights: every model file and each file they import.
@@ -731,13 +775,21 @@ AUTO_MAP = {
 }
 HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
              "image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
-             "image_processing_mambavision_segmentation.py", "modeling_mambavision_detection.py")
-# A detector's folder (modeling_mambavision_detection.py) has a config class of its own, Deformable DETR's with a
-# MambaVision backbone_config, and transformers' DeformableDetrImageProcessor (no code of ours) in
-# preprocessor_config.json.
-DETECTION_AUTO_MAP = {
-    "AutoConfig": "modeling_mambavision_detection.MambaVisionDetectionConfig",
-    "AutoModelForObjectDetection": "modeling_mambavision_detection.MambaVisionForObjectDetection",
+             "image_processing_mambavision_segmentation.py", "modeling_mambavision_detection.py",
+             "modeling_mambavision_instance_segmentation.py")
+# The folders of a transformers head on MambaVisionBackbone, by model class: each has a config class of its own (the
+# head's, with a MambaVision backbone_config) and the head's own image processor in preprocessor_config.json (no code
+# of ours there): Deformable DETR's for the detector, Mask2Former's for instance segmentation.
+HEAD_AUTO_MAPS = {
+    "MambaVisionForObjectDetection": {
+        "AutoConfig": "modeling_mambavision_detection.MambaVisionDetectionConfig",
+        "AutoModelForObjectDetection": "modeling_mambavision_detection.MambaVisionForObjectDetection",
+    },
+    "MambaVisionForUniversalSegmentation": {
+        "AutoConfig": "modeling_mambavision_instance_segmentation.MambaVisionMask2FormerConfig",
+        "AutoModelForUniversalSegmentation":
+            "modeling_mambavision_instance_segmentation.MambaVisionForUniversalSegmentation",
+    },
 }
 
 # transformers 4.46 to 4.52 do not register a remote-code class loaded through an Auto class, so its save_pretrained

@@ -6,16 +6,14 @@ appeared in 4.44); it takes several feature levels (MambaVision's stage maps at 
 DETR, converges in tens of epochs rather than hundreds, which is what fine-tuning on a small set needs.
 
 transformers builds a head's backbone with ``load_backbone`` (``AutoBackbone.from_config(config.backbone_config)``),
-which knows only its own model types: the detector registers ``MambaVisionBackbone`` for this file's
-``MambaVisionConfig`` class (the key is the class object, so nothing global is renamed) before building the head,
-so a saved detector loads in a fresh process with ``AutoModelForObjectDetection.from_pretrained(repo,
+which knows only its own model types: the detector registers ``MambaVisionBackbone`` for ``MambaVisionConfig``
+before building the head (``HeadOnMambaVisionBackbone``, shared with the instance-segmentation model), so a saved
+detector loads in a fresh process with ``AutoModelForObjectDetection.from_pretrained(repo,
 trust_remote_code=True)`` and nothing for the user to register. The folder's image processor is transformers' own
 ``DeformableDetrImageProcessor`` (resize, normalise, pad; ``post_process_object_detection``).
 """
 
-from torch import nn
 from transformers import (
-    AutoBackbone,
     AutoImageProcessor,
     DeformableDetrConfig,
     DeformableDetrForObjectDetection,
@@ -23,7 +21,7 @@ from transformers import (
 )
 
 from .configuration_mambavision import MambaVisionConfig
-from .modeling_mambavision import LegacyGammaLoading, MambaVisionBackbone
+from .modeling_mambavision import HeadOnMambaVisionBackbone, LegacyGammaLoading
 
 # Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the relative
 # imports written in the file it loads, so every file that the backbone imports is named here (see modeling_mambavision)
@@ -84,24 +82,13 @@ class MambaVisionDetectionConfig(DeformableDetrConfig):
                                      "pt": ["AutoModelForObjectDetection"], "type": "image"}}
 
 
-class MambaVisionForObjectDetection(LegacyGammaLoading, DeformableDetrForObjectDetection):
+class MambaVisionForObjectDetection(LegacyGammaLoading, HeadOnMambaVisionBackbone, DeformableDetrForObjectDetection):
     """transformers' ``DeformableDetrForObjectDetection`` on ``MambaVisionBackbone``: same inputs (``pixel_values``,
-    ``pixel_mask``, ``labels``), outputs and loss.
-
-    The backbone keeps its BatchNorms as they are (transformers' frozen replacement has a fixed eps 1e-5, the stem's
-    is 1e-4), so it computes exactly what ``MambaVisionBackbone`` does; in training they stay in eval mode
-    (statistics frozen, as detection fine-tuning does with small batches).
-    """
+    ``pixel_mask``, ``labels``), outputs and loss. The backbone computes exactly what ``MambaVisionBackbone`` does
+    (its own BatchNorms, frozen statistics in training: ``HeadOnMambaVisionBackbone``)."""
 
     config_class = MambaVisionDetectionConfig
-
-    def __init__(self, config):
-        AutoBackbone.register(MambaVisionConfig, MambaVisionBackbone, exist_ok=True)
-        super().__init__(config)
-        # load_backbone's result had its BatchNorms replaced: put the backbone back as MambaVision builds it
-        parent, name = next((parent, name) for parent in self.modules() for name, child in parent.named_children()
-                            if isinstance(child, MambaVisionBackbone))
-        setattr(parent, name, MambaVisionBackbone(config.backbone_config))
+    backbone_out_features = DETECTION_OUT_FEATURES
 
     if DEFORMABLE_DETR_LOSS is not None:
 
@@ -109,18 +96,6 @@ class MambaVisionForObjectDetection(LegacyGammaLoading, DeformableDetrForObjectD
         def loss_function(self):
             """Deformable DETR's loss (sigmoid focal classification, L1 and GIoU boxes, Hungarian matching)."""
             return DEFORMABLE_DETR_LOSS
-
-    @property
-    def backbone(self):
-        """The ``MambaVisionBackbone`` (its place in the head differs between transformers releases)."""
-        return next(module for module in self.modules() if isinstance(module, MambaVisionBackbone))
-
-    def train(self, mode=True):
-        super().train(mode)
-        for module in self.backbone.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
 
 
 if _RENAMES:
@@ -136,5 +111,10 @@ class MambaVisionObjectDetectionPipeline(ObjectDetectionPipeline):
         if self.image_processor is None:
             self.image_processor = AutoImageProcessor.from_pretrained(self.model.config.name_or_path)
 
+
+# save_pretrained writes this file's code and the auto_map: what transformers registers when an Auto class loads the
+# model, except on 4.46 to 4.52 (see modeling_mambavision), and what a model built here needs
+MambaVisionDetectionConfig.register_for_auto_class()
+MambaVisionForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
 
 __all__ = ["MambaVisionDetectionConfig", "MambaVisionForObjectDetection", "MambaVisionObjectDetectionPipeline"]

@@ -45,7 +45,6 @@ from mambavision_tools.report import ConversionError, first_line
 from scale_utils import fail
 
 detection = model_code.load("modeling_mambavision_detection")
-modeling = model_code.load("modeling_mambavision")
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -199,20 +198,15 @@ def box_map(processor):
 def build_model(args, labels):
     """A new detector on ``--backbone``'s weights, or ``--model``'s detector with a head for ``labels``."""
     label_fields = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    head = dict(d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers, num_queries=args.queries,
+                encoder_ffn_dim=4 * args.d_model, decoder_ffn_dim=4 * args.d_model)
     try:
         if args.model:
             return AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=True,
                                                                ignore_mismatched_sizes=True, **label_fields)
-        backbone = modeling.MambaVisionBackbone.from_pretrained(args.backbone,
-                                                                out_features=detection.DETECTION_OUT_FEATURES)
+        return detection.MambaVisionForObjectDetection.from_backbone(args.backbone, **head, **label_fields)
     except (OSError, ValueError) as error:
         fail(f"cannot load {args.model or args.backbone}: {first_line(error)}")
-    head = dict(d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers, num_queries=args.queries,
-                encoder_ffn_dim=4 * args.d_model, decoder_ffn_dim=4 * args.d_model)
-    config = detection.MambaVisionDetectionConfig(backbone_config=backbone.config, **head, **label_fields)
-    model = detection.MambaVisionForObjectDetection(config)
-    model.backbone.load_state_dict(backbone.state_dict())
-    return model
 
 
 def model_card(args, trainer, labels, metrics, eval_images, repo_id):
@@ -338,7 +332,7 @@ def train(args, training_args):
     output_dir = Path(args.output_dir)
     repo_id = args.push_to_hub or output_dir.name
     with scale_utils.staged_output(args) as folder:
-        hub_folder.save_detector_folder(trained, processor, folder)
+        hub_folder.save_head_folder(trained, processor, folder)
         scale_utils.save_results(folder, trainer, metrics)
         model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(folder / "README.md")
     summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""

@@ -1,5 +1,6 @@
-"""A small object-detection set made here: filled squares and discs on noisy backgrounds, with their boxes, written
-as a COCO folder (images + ``annotations.json``) that ``finetune_detection.py`` reads like any COCO export.
+"""A small object-detection set made here: filled squares and discs on noisy backgrounds, with their boxes and
+outlines (COCO polygons), written as a COCO folder (images + ``annotations.json``) that ``finetune_detection.py`` and
+``finetune_instance_segmentation.py`` read like any COCO export.
 
 Each image holds one to three shapes of random colour and size that do not overlap; the boxes are exact (the
 shapes are drawn inside them). Seeded: the same arguments give the same files.
@@ -35,6 +36,18 @@ def draw_image(rng, size, max_objects=3):
     return image, objects
 
 
+def outline(category, box, corners=32):
+    """The shape drawn in ``box`` ([x, y, width, height]) as a COCO polygon [x1, y1, x2, y2, ...]: the square's
+    corners, or ``corners`` points on the disc's circle."""
+    x, y, width, height = box
+    if category == "square":
+        points = [(x, y), (x + width, y), (x + width, y + height), (x, y + height)]
+    else:
+        angles = np.linspace(0, 2 * np.pi, corners, endpoint=False)
+        points = zip(x + width / 2 * (1 + np.cos(angles)), y + height / 2 * (1 + np.sin(angles)))
+    return [round(float(v), 2) for point in points for v in point]
+
+
 def write_coco_folder(folder, count, size=96, seed=0):
     """``count`` images in ``folder/images/`` and their boxes in ``folder/annotations.json`` (COCO); returns the
     folder."""
@@ -50,6 +63,7 @@ def write_coco_folder(folder, count, size=96, seed=0):
         coco["images"].append({"id": image_id, "file_name": name, "width": size, "height": size})
         for category, box in objects:
             coco["annotations"].append({"id": len(coco["annotations"]), "image_id": image_id, "category_id": category + 1,
-                                        "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                                        "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
+                                        "segmentation": [outline(CATEGORIES[category], box)]})
     (folder / "annotations.json").write_text(json.dumps(coco))
     return folder

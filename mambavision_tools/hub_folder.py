@@ -42,11 +42,13 @@ def save_model_folder(model, folder, max_shard_size="2GB", example_image=None):
         save_example_image(example_image, folder)
 
 
-def save_detector_folder(model, processor, folder, max_shard_size="2GB"):
-    """A ``MambaVisionForObjectDetection`` folder: ``save_pretrained``, the model code, the detector's ``auto_map``
-    and its image processor (transformers' ``DeformableDetrImageProcessor``), so it loads with trust_remote_code.
-    No ``handler.py``: its tasks do not include detection."""
-    _save_folder(model, processor, folder, modeling.DETECTION_AUTO_MAP, max_shard_size)
+def save_head_folder(model, processor, folder, max_shard_size="2GB"):
+    """The folder of a transformers head on MambaVision (``MambaVisionForObjectDetection``,
+    ``MambaVisionForUniversalSegmentation``): ``save_pretrained``, the model code, the head's ``auto_map``
+    (``HEAD_AUTO_MAPS``) and its image processor (transformers' own: ``processor``), so it loads with
+    trust_remote_code; and ``handler.py``."""
+    _save_folder(model, processor, folder, modeling.HEAD_AUTO_MAPS[type(model).__name__], max_shard_size)
+    shutil.copy2(model_code.ROOT / HANDLER, Path(folder) / HANDLER)
 
 
 def _save_folder(model, processor, folder, auto_map, max_shard_size):

@@ -63,7 +63,7 @@ if os.environ["STALL_IN"] == "checkpoint":
     Trainer._save_rng_state = save_rng_state_or_stall
 elif os.environ["STALL_IN"] == "output":  # the scripts write their folders through these
     hub_folder.save_model_folder = then_stall(hub_folder.save_model_folder)
-    hub_folder.save_detector_folder = then_stall(hub_folder.save_detector_folder)
+    hub_folder.save_head_folder = then_stall(hub_folder.save_head_folder)
 sys.exit(script.main())
 """
 

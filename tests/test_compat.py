@@ -177,10 +177,11 @@ def test_main_environment_matches_timm_and_the_saved_model(folder, segmentation_
     trainable = copy.deepcopy(model).train()  # a copy: a training step updates the BatchNorm statistics
     loss = trainable(pixels, labels=labels).loss  # without the worker's activation checkpointing: same values
     loss.backward()
-    # the classifier's modules: not the processors, nor the segmentation model, nor the detector
+    # the classifier's modules: not the processors, nor the segmentation models, nor the detector
     model_files = sorted(set(modeling.HUB_FILES) - {"image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
                                                      "image_processing_mambavision_segmentation.py",
-                                                     "modeling_mambavision_detection.py"})
+                                                     "modeling_mambavision_detection.py",
+                                                     "modeling_mambavision_instance_segmentation.py"})
 
     mappings = ("deepcopy", "pickle", "send_to_device", "recursively_apply", "pytree", "torch_export", "torch_compile")
     ways = ("unpacked", "attributes", "keys", "indices", "to_tuple", "items", "values", "return_dict_false",

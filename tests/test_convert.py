@@ -743,7 +743,7 @@ def test_hub_files_hold_every_module_they_import():
     for name in modeling.HUB_FILES:
         imported = re.findall(r"^\s*from \.(\w+) import", (ROOT / name).read_text(), flags=re.MULTILINE)
         assert {f"{module}.py" for module in imported} <= set(modeling.HUB_FILES), name
-    for entry in modeling.AUTO_MAP.values():
+    for entry in [*modeling.AUTO_MAP.values(), *(e for m in modeling.HEAD_AUTO_MAPS.values() for e in m.values())]:
         module, cls = entry.split(".")
         assert f"{module}.py" in modeling.HUB_FILES and hasattr(model_code.load(module), cls), entry
 

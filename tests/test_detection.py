@@ -25,7 +25,7 @@ from convert_checkpoint import main as convert_main
 from kill_and_resume import assert_same_training, kill_twice_then_finish
 from mambavision_tools import variants
 from mambavision_tools.configs import build_config, config_from_architecture
-from mambavision_tools.hub_folder import save_detector_folder, save_model_folder
+from mambavision_tools.hub_folder import save_head_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
 from test_compat import VERSIONS, site
 from mambavision_tools.variants import Variant
@@ -94,7 +94,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("detector")
     folder = root / "MambaVision-detector"
     processor = DeformableDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
-    save_detector_folder(model, processor, folder)
+    save_head_folder(model, processor, folder)
     pixels = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     torch.save(pixels, root / "pixels.pt")
     with torch.no_grad():
@@ -106,23 +106,28 @@ def saved(tmp_path_factory):
     return folder, outputs, picture["pixel_values"], detections
 
 
-def start_row(folder, out, pythonpath=None):
+def start_row(worker, folder, out, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(out.with_suffix(".hf")), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    command = [sys.executable, str(Path(detection_worker.__file__)), str(folder), str(out)]
+    command = [sys.executable, str(Path(worker.__file__)), str(folder), str(out)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def run_rows(worker, folder, scratch):
+    """``worker`` (a module run as a script: FOLDER OUT.pt) on the main environment and on each installed release,
+    two at a time: row name -> (CompletedProcess, OUT.pt)."""
+    jobs = {"main": None, **{version: site(version) for version in VERSIONS if site(version).is_dir()}}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(start_row, worker, folder, scratch / f"{name}.pt", path)
+                   for name, path in jobs.items()}
+        return {name: (future.result(), scratch / f"{name}.pt") for name, future in futures.items()}
 
 
 @pytest.fixture(scope="module")
 def rows(saved, tmp_path_factory):
-    """The worker on the main environment and on each installed release, two at a time."""
-    scratch = tmp_path_factory.mktemp("detection-rows")
-    jobs = {"main": None, **{version: site(version) for version in VERSIONS if site(version).is_dir()}}
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(start_row, saved[0], scratch / f"{name}.pt", path) for name, path in jobs.items()}
-        return {name: (future.result(), scratch / f"{name}.pt") for name, future in futures.items()}
+    return run_rows(detection_worker, saved[0], tmp_path_factory.mktemp("detection-rows"))
 
 
 @pytest.mark.parametrize("row", ["main", *VERSIONS])
@@ -314,6 +319,7 @@ def test_finetune_detection_on_a_datasets_dataset(backbone_folder, tmp_path):
                              "--queries", "8", "--max-steps", "2", "--batch-size", "4", "--num-workers", "0", "--cpu"])
     metrics = json.loads((output / "all_results.json").read_text())
     assert 0.0 <= metrics["eval_map_50"] <= 1.0
+    assert (output / "handler.py").is_file()  # the folder serves itself on Inference Endpoints
     detector = pipeline("object-detection", model=str(output), trust_remote_code=True)
     # not a 64x64 image: with d_model 32, GroupNorm's one channel per group would see a single value at stride 64
     assert {d["label"] for d in detector(detection_worker.picture(), threshold=0.0)} <= set(shapes.CATEGORIES)

@@ -19,15 +19,19 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, pipeline
+from transformers import (AutoImageProcessor, AutoModel, DeformableDetrImageProcessor, Mask2FormerImageProcessor,
+                          pipeline)
 
-from conftest import ROOT, TINY_ARCHITECTURE, modeling, tiny_config
+from conftest import ROOT, TINY_ARCHITECTURE, model_code, modeling, tiny_config
 from convert_checkpoint import main
 from mambavision_tools import hub_folder, publishing
 from mambavision_tools.configs import build_config
 from mambavision_tools.variants import Variant
 from test_convert import random_original_state_dict
+from test_detection import tiny_detector
+from test_instance_segmentation import tiny_model
 
+segmentation = model_code.load("modeling_mambavision_segmentation")
 REPO_ID = "someone/MambaVision-tiny"
 TOP_K = 3
 RSS_GROWTH_MIB = 48  # the bound on memory growth over the load test's measured requests (see test_load)
@@ -267,10 +271,17 @@ def test_task_from_the_endpoint_environment(hf_task, served, handler_module, fol
     assert handler_module.EndpointHandler(str(folder)).task == served
 
 
-def test_unserved_task_is_refused_at_start(handler_module, folder, monkeypatch):
-    monkeypatch.setenv("HF_TASK", "object-detection")
-    with pytest.raises(ValueError, match=r"task 'object-detection' is not served by this handler; use one of"):
+@pytest.mark.parametrize("hf_task, fragment", [
+    ("text-generation", "task 'text-generation' is not served by this handler; use one of"),
+    ("object-detection", "task 'object-detection' is not served by a model saved as "
+                         "['MambaVisionModelForImageClassification']; this folder serves ['image-classification', "
+                         "'image-feature-extraction']"),
+])
+def test_unserved_task_is_refused_at_start(hf_task, fragment, handler_module, folder, monkeypatch):
+    monkeypatch.setenv("HF_TASK", hf_task)
+    with pytest.raises(ValueError) as error:
         handler_module.EndpointHandler(str(folder))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_bf16_weights_agree_with_float32(handler_module, folder, pictures, classifier, extractor):
@@ -284,6 +295,115 @@ def test_bf16_weights_agree_with_float32(handler_module, folder, pictures, class
     assert np.abs(log_ratios).max() < 0.25  # logits within bf16's precision of float32's
     features = handler_module.EndpointHandler(str(folder), task="image-feature-extraction", dtype=torch.bfloat16)
     np.testing.assert_allclose(features({"inputs": pictures[0]}), extractor({"inputs": pictures[0]}), atol=0.05)
+
+
+# --- segmentation and detection ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_folders(tmp_path_factory):
+    """Tiny folders as the converter and the fine-tuning scripts write them: semantic segmentation (UPerNet,
+    ``save_model_folder``), instance segmentation (Mask2Former) and detection (Deformable DETR, ``save_head_folder``)."""
+    root = tmp_path_factory.mktemp("heads")
+    torch.manual_seed(0)
+    labels = dict(enumerate(["background", "square", "disc", "triangle", "star"]))  # tiny_config's 5 classes
+    semantic = segmentation.MambaVisionForSemanticSegmentation(
+        tiny_config(out_norm=True, image_size=64, id2label=labels, upernet={"hidden_size": 16, "auxiliary_channels": 8}))
+    hub_folder.save_model_folder(semantic.eval(), root / "semantic")
+    hub_folder.save_head_folder(tiny_model(), Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                                root / "instance")
+    hub_folder.save_head_folder(tiny_detector(), DeformableDetrImageProcessor(size={"shortest_edge": 64,
+                                                                                   "longest_edge": 96}),
+                                root / "detection")
+    return {name: root / name for name in ("semantic", "instance", "detection")}
+
+
+@pytest.fixture(scope="module")
+def head_handlers(head_folders):
+    """Each folder's own handler.py, loaded as the toolkit loads it, serving the folder's task."""
+    return {name: load_handler_module(folder).EndpointHandler(str(folder)) for name, folder in head_folders.items()}
+
+
+def png_mask(encoded_png):
+    image = Image.open(io.BytesIO(base64.b64decode(encoded_png, validate=True)))
+    assert image.format == "PNG" and image.mode == "L"
+    return np.array(image)
+
+
+@pytest.mark.parametrize("name, parameters", [("semantic", {}), ("instance", {"threshold": 0.0})])
+def test_segmentation_answers_are_the_pipeline_with_png_masks(name, parameters, head_folders, head_handlers,
+                                                              pictures):
+    """Both segmentation folders serve image-segmentation: the pipeline's segments (label, score), each mask a
+    base64 PNG of the pipeline's mask; a list of images of different sizes is answered image by image."""
+    folder, handler = head_folders[name], head_handlers[name]
+    assert (folder / "handler.py").read_bytes() == (ROOT / "handler.py").read_bytes()
+    assert handler.task == "image-segmentation"
+    reference_pipeline = pipeline("image-segmentation", model=str(folder), trust_remote_code=True)
+    answers = handler({"inputs": [base64.b64encode(data).decode() for data in pictures[:2]],
+                       "parameters": parameters})
+    assert len(answers) == 2
+    for data, answer in zip(pictures[:2], answers):
+        expected = reference_pipeline(opened(data), **parameters)
+        assert len(answer) == len(expected) > 0
+        json.dumps(answer)  # plain JSON types
+        for segment, reference_segment in zip(answer, expected):
+            assert segment["label"] == reference_segment["label"]
+            assert segment["score"] == reference_segment["score"]
+            mask = png_mask(segment["mask"])
+            assert mask.shape == opened(data).size[::-1]
+            np.testing.assert_array_equal(mask, np.array(reference_segment["mask"]))
+
+
+def test_segmentation_parameters_are_checked(head_handlers, pictures):
+    semantic, instance = head_handlers["semantic"], head_handlers["instance"]
+    with pytest.raises(ValueError, match="Subtask instance is not supported"):  # a semantic model has no instances
+        semantic({"inputs": pictures[0], "parameters": {"subtask": "instance"}})
+    for parameters, fragment in (({"threshold": 1.5}, "'threshold' must be a number from 0 to 1, got 1.5"),
+                                 ({"mask_threshold": "high"}, "'mask_threshold' must be a number from 0 to 1"),
+                                 ({"subtask": "everything"}, "'subtask' must be one of instance, panoptic, semantic"),
+                                 ({"top_k": 3}, "unknown parameter 'top_k' for image-segmentation")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            instance({"inputs": pictures[0], "parameters": parameters})
+    # Mask2Former's semantic answer: one mask per class present, without scores
+    assert {segment["score"] for segment in instance({"inputs": pictures[0], "parameters": {"subtask": "semantic"}})} \
+        == {None}
+
+
+def test_detection_answers_are_the_pipeline(head_folders, head_handlers, pictures):
+    """A detector folder serves object-detection: the pipeline's boxes, labels and scores at ``threshold``."""
+    folder, handler = head_folders["detection"], head_handlers["detection"]
+    assert (folder / "handler.py").read_bytes() == (ROOT / "handler.py").read_bytes()
+    assert handler.task == "object-detection"
+    reference_pipeline = pipeline("object-detection", model=str(folder), trust_remote_code=True)
+    answers = handler({"inputs": pictures[:2], "parameters": {"threshold": 0.0}})
+    for data, answer in zip(pictures[:2], answers):
+        assert answer == reference_pipeline(opened(data), threshold=0.0) and len(answer) > 0
+        json.dumps(answer)
+    scores = sorted(detection["score"] for detection in answers[0])
+    threshold = (scores[-3] + scores[-4]) / 2  # the three best pass
+    assert len(handler({"inputs": pictures[0], "parameters": {"threshold": threshold}})) == 3
+    with pytest.raises(ValueError, match="'threshold' must be a number from 0 to 1, got -1"):
+        handler({"inputs": pictures[0], "parameters": {"threshold": -1}})
+
+
+@pytest.mark.parametrize("name", ["instance", "detection"])
+def test_head_tasks_in_bf16_agree_with_float32(name, head_folders, head_handlers, pictures):
+    """The GPU's dtype (run on the CPU here): the same answers within bf16's precision of the scores."""
+    bf16 = load_handler_module(head_folders[name]).EndpointHandler(str(head_folders[name]), dtype=torch.bfloat16)
+    assert bf16.pipeline.model.dtype == torch.bfloat16
+    request = {"inputs": pictures[0], "parameters": {"threshold": 0.0}}
+    answer, expected = bf16(request), head_handlers[name](request)
+    assert len(answer) == len(expected) > 0
+    np.testing.assert_allclose(sorted(a["score"] for a in answer), sorted(e["score"] for e in expected), atol=0.02)
+
+
+def test_head_folders_serve_their_task_only(head_folders, monkeypatch):
+    """A detector is no classifier: HF_TASK naming another task is refused at start, in one line."""
+    monkeypatch.setenv("HF_TASK", "image-classification")
+    with pytest.raises(ValueError, match=re.escape("is not served by a model saved as "
+                                                   "['MambaVisionForObjectDetection']; this folder serves "
+                                                   "['object-detection']")):
+        load_handler_module(head_folders["detection"]).EndpointHandler(str(head_folders["detection"]))
 
 
 # --- load ----------------------------------------------------------------------------------------------------------
