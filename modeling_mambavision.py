@@ -50,6 +50,13 @@ try:  # torch >= 2.3
 except ImportError:
     from torch._dynamo import is_compiling
 
+try:  # torch >= 2.4
+    from torch.compiler import is_exporting
+except ImportError:  # earlier exports take the eager formulation (and specialise a one-window level)
+
+    def is_exporting():
+        return False
+
 try:  # transformers >= 4.52
     from transformers.modeling_layers import GradientCheckpointingLayer
 except ImportError:
@@ -162,23 +169,74 @@ class MambaVisionModelOutput(ModelOutput):
         return self.stage_maps[-1]
 
 
+def window_count(size, window):
+    """Windows along a side of ``size`` pixels, the last one zero-padded: ceil(size / window), written so that
+    under dynamic shapes it stays one small expression per size."""
+    return (size + window - 1) // window
+
+
 def window_partition(x, window):
-    """(B, C, H, W) with H, W multiples of ``window`` -> (B * windows, window * window, C) token sequences.
+    """(B, C, H, W) -> (B * windows, window * window, C) token sequences, the map zero-padded right and bottom to
+    whole windows (padded tokens take part, as in the original).
 
     Tokens are row-major inside a window, windows row-major over the map, batch outermost. Sizes are spelled
     out (no -1 to infer), which keeps the shape arithmetic small under export with dynamic height and width.
     """
     b, c, h, w = x.shape
-    rows, cols = h // window, w // window
+    rows, cols = window_count(h, window), window_count(w, window)
+    x = F.pad(x, (0, cols * window - w, 0, rows * window - h))
+    if is_exporting():
+        return export_window_partition(x, window)
     x = x.view(b, c, rows, window, cols, window)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b * rows * cols, window * window, c)  # (B, rows, cols, ws, ws, C)
 
 
 def window_reverse(windows, window, batch, height, width):
-    """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width)."""
+    """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width), the padding
+    cut off."""
     c = windows.shape[-1]
-    x = windows.view(batch, height // window, width // window, window, window, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, height, width)  # (B, C, rows, ws, cols, ws)
+    if is_exporting():
+        return export_window_reverse(windows, window, batch, height, width)
+    rows, cols = window_count(height, window), window_count(width, window)
+    x = windows.view(batch, rows, cols, window, window, c)
+    x = x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, rows * window, cols * window)  # (B, C, rows, ws, cols, ws)
+    return x[:, :, :height, :width]
+
+
+# torch.export traces with symbolic sizes but settles each size comparison on the example input, and PyTorch's
+# shape checks compare every dimension with 1: a tensor with a dimension of window rows or columns (one window per
+# level: MambaVision-T at 224) specialises the program to that count (a guard such as height <= 224). Under export
+# the windows are gathered by a computed index instead, so that no tensor has such a dimension: the same values,
+# one gather in place of the permuting copy.
+
+
+def export_window_partition(x, window):
+    """``window_partition`` of a padded (B, C, H, W) map with an index gather from its (B * H * W, C) pixels."""
+    b, c, h, w = x.shape
+    cols = w // window
+    token = torch.arange(b * h * w, device=x.device)  # token = (window_index * window + i) * window + j
+    window_index, i, j = token // window**2, token // window % window, token % window
+    row = window_index // cols  # the row of windows counted over the batch: b * rows + r
+    col = window_index - row * cols  # (not % cols: ONNX's exporter takes no symbolic divisor there)
+    pixel = (row * window + i) * w + col * window + j
+    pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (B, H, W, C) -> (B * H * W, C)
+    return pixels.index_select(0, pixel).view(b * h * w // window**2, window * window, c)
+
+
+def export_window_reverse(windows, window, batch, height, width):
+    """``window_reverse`` with an index gather of each pixel of the unpadded map from the (tokens, C) windows."""
+    c = windows.shape[-1]
+    rows, cols = window_count(height, window), window_count(width, window)
+    pixel = torch.arange(batch * height * width, device=windows.device)  # pixel = (b * height + y) * width + x
+    line = pixel // width  # b * height + y; remainders as differences, as in export_window_partition
+    b = line // height
+    y, x = line - b * height, pixel - line * width
+    window_index = (b * rows + y // window) * cols + x // window
+    token = (window_index * window + y % window) * window + x % window
+    x = windows.flatten(0, 1).index_select(0, token)  # (B * height * width, C)
+    # (B, H, W, C) -> (B, C, H, W), contiguous as in eager: a channels-last map would have the next convolution's
+    # backend choice guard the batch size
+    return x.view(batch, height, width, c).permute(0, 3, 1, 2).contiguous()
 
 
 class MambaVisionStem(nn.Module):
@@ -455,17 +513,11 @@ class MambaVisionStage(GradientCheckpointingLayer):
         pad, attentions = 0, ()
         if self.windowed:
             batch, _, height, width = x.shape
-            # zero-pad right/bottom to whole windows; padded tokens take part, as in the original. Written as
-            # ceil(size / window) * window: under dynamic shapes this stays one small expression per size
-            padded_height = (height + self.window - 1) // self.window * self.window
-            padded_width = (width + self.window - 1) // self.window * self.window
-            x = F.pad(x, (0, padded_width - width, 0, padded_height - height))
             x = window_partition(x, self.window)
             for block in self.blocks:
                 x, weights = block(x, output_attentions)
                 attentions += (weights,) if weights is not None else ()
-            x = window_reverse(x, self.window, batch, padded_height, padded_width)[:, :, :height, :width]
-            stage_map = x
+            x = stage_map = window_reverse(x, self.window, batch, height, width)
         else:
             channels = x.shape[1]
             pad = conv_channel_padding(self, x)
