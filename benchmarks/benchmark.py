@@ -589,7 +589,7 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
                         help="default infer; with --targets, a filter")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["bf16"])
-    parser.add_argument("--backends", nargs="+", choices=scan.SCAN_BACKENDS, default=["triton"])
+    parser.add_argument("--backends", nargs="+", choices=configuration.SCAN_BACKENDS, default=["triton"])
     parser.add_argument("--compile-modes", nargs="+", default=["eager"],
                         help="eager, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     parser.add_argument("--fold", action="store_true", help="fold BatchNorm into convolutions (inference)")
