@@ -10,24 +10,7 @@ import math
 from timm.data import ImageNetInfo
 from transformers import PretrainedConfig
 
-from .selective_scan import check_backend_name
-
-# Compatibility (transformers 4.40 to 5.x): the backbone mixin moved in 5.1 and took over aligning the outputs.
-try:  # transformers >= 5.1
-    from transformers.backbone_utils import BackboneConfigMixin
-
-    def align_backbone_outputs(config, out_features, out_indices):
-        """Set ``config``'s ``out_features``/``out_indices``, each filled in from the other (ValueError if invalid)."""
-        config.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
-
-except ImportError:  # earlier: a function does it
-    from transformers.utils.backbone_utils import BackboneConfigMixin, get_aligned_output_features_output_indices
-
-    def align_backbone_outputs(config, out_features, out_indices):
-        """Set ``config``'s ``out_features``/``out_indices``, each filled in from the other (ValueError if invalid)."""
-        config._out_features, config._out_indices = get_aligned_output_features_output_indices(
-            out_features=out_features, out_indices=out_indices, stage_names=config.stage_names
-        )
+from .compatibility_mambavision import BackboneConfigMixin, align_backbone_outputs
 
 # The folder's own pipelines (image_processing_mambavision*.py): transformers' image pipelines with every image mode
 # accepted and, on transformers < 4.55, the image processor that it would not load for remote code.
@@ -39,9 +22,11 @@ CUSTOM_PIPELINES = {
                            "AutoModelForSemanticSegmentation"),
 }
 
+SCAN_BACKENDS = ("torch", "triton", "mamba_ssm")  # every selective-scan implementation; "auto" chooses among them
 CROP_MODES = ("center", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # those timm's eval transform applies to images of any type
 NUM_LEVELS = 4
+HYBRID_LEVELS = (2, 3)  # mixer and attention blocks in windows; the levels before them are convolutional
 STAGE_NAMES = ["stem"] + [f"stage{i}" for i in range(1, NUM_LEVELS + 1)]
 
 
@@ -176,7 +161,7 @@ class MambaVisionConfig(BackboneConfigMixin, PretrainedConfig):
         for level, window in enumerate(self.window_size):
             if not _is_int(window) or window <= 0:
                 raise ValueError(f"MambaVisionConfig: window_size[{level}] must be a positive integer, got {window!r}")
-        for level in (2, 3):
+        for level in HYBRID_LEVELS:
             width, heads = self.dim * 2**level, self.num_heads[level]
             if not _is_int(heads) or heads <= 0 or width % heads:
                 raise ValueError(
@@ -217,3 +202,11 @@ def _is_int(value):
 def _is_number(value):
     """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_backend_name(name, what):
+    """Refuse a scan backend name other than "auto" and ``SCAN_BACKENDS`` with a ValueError that says ``what`` held
+    it (the config field, the environment variable, the requested backend): the config and the scan dispatcher
+    (``selective_scan.resolve_backend``) both check with it."""
+    if name != "auto" and name not in SCAN_BACKENDS:
+        raise ValueError(f"{what}: unknown scan backend {name!r}; choose auto or one of {', '.join(SCAN_BACKENDS)}")

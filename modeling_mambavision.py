@@ -7,13 +7,10 @@ selective scan picks a fast kernel when one works (see ``selective_scan.py``).
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import transformers
-from packaging import version
 from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -21,106 +18,25 @@ from transformers import AutoBackbone, PreTrainedModel
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_mambavision import MambaVisionConfig
+from .compatibility_mambavision import (
+    BackboneMixin,
+    GradientCheckpointingLayer,
+    LegacyGammaLoading,
+    image_classification_loss,
+    init,
+    is_compiling,
+    is_exporting,
+)
+from .configuration_mambavision import HYBRID_LEVELS, MambaVisionConfig
 from .selective_scan import selective_scan
-
-# Compatibility (transformers 4.40 to 5.x, torch >= 2.1): each name is imported where the installed version
-# keeps it, else defined here as a small equivalent. The compatibility matrix in tests/test_compat.py runs them.
 
 # Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the
 # relative imports written in the file it loads (a Hub repo's are followed file by file). The scan dispatcher
-# imports the Triton kernels lazily, so they are named here too, or they would be missing on those versions.
+# imports the Triton kernels on first use, so they are named here too, or they would be missing on those versions.
 try:
     from .selective_scan_triton import selective_scan_triton  # noqa: F401
 except ImportError:  # no triton, or a torch without custom ops: the dispatcher falls back with one warning
     pass
-
-try:  # transformers >= 5.1: the mixin sets itself up in __init__
-    from transformers.backbone_utils import BackboneMixin
-except ImportError:  # earlier: MambaVisionBackbone calls its _init_backbone
-    from transformers.utils.backbone_utils import BackboneMixin
-
-try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
-    from transformers import initialization as init
-except ImportError:  # 4.x initialises only the weights a checkpoint did not provide
-    from torch.nn import init
-
-try:  # torch >= 2.3
-    from torch.compiler import is_compiling
-except ImportError:
-    from torch._dynamo import is_compiling
-
-try:  # transformers >= 4.52
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:
-
-    class GradientCheckpointingLayer(nn.Module):
-        """transformers' switch for versions without it: ``gradient_checkpointing_enable()`` sets the flag and the
-        checkpoint function on every module that has the attribute; while training, calls run through it."""
-
-        gradient_checkpointing = False
-
-        def __call__(self, *args, **kwargs):
-            if self.gradient_checkpointing and self.training:
-                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
-            return super().__call__(*args, **kwargs)
-
-
-# transformers < 4.49 renames every checkpoint key that contains "gamma" to "weight" (and "beta" to "bias"), meant
-# for TensorFlow-era LayerNorm names, inside its loading function: only its version tells. Layer scales are gamma.
-class LegacyGammaLoading:
-    """Loads gamma/beta parameters as they are on transformers < 4.49 (a mixin before ``PreTrainedModel``; nothing
-    on later releases): transformers would report them missing (unexpected under the renamed key) and leave them at
-    their initial value. While it loads, each is registered under the renamed key (and stays reachable under its
-    own name for ``_init_weights``), and under its own name again afterwards."""
-
-    if version.parse(transformers.__version__).release < (4, 49):
-
-        @classmethod
-        def _load_pretrained_model(cls, model, *args, **kwargs):
-            renamed = [
-                (module, name, name.replace("beta", "bias") if "beta" in name else name.replace("gamma", "weight"))
-                for module in model.modules() for name in list(module._parameters) if "gamma" in name or "beta" in name
-            ]
-            for module, name, legacy in renamed:
-                module._parameters[legacy] = module.__dict__[name] = module._parameters.pop(name)
-            try:
-                return super()._load_pretrained_model(model, *args, **kwargs)
-            finally:
-                for module, name, legacy in renamed:
-                    del module.__dict__[name]
-                    module._parameters[name] = module._parameters.pop(legacy)  # the loaded tensor
-
-
-try:  # transformers >= 4.53 maps image classifiers to this loss (single-label, multi-label or regression)
-    from transformers.loss.loss_utils import LOSS_MAPPING
-
-    image_classification_loss = LOSS_MAPPING["ForImageClassification"]
-except (ImportError, KeyError):  # earlier versions have none, or pick a causal-LM loss for this class name
-
-    def image_classification_loss(labels, pooled_logits, config, num_items_in_batch=None, **kwargs):
-        """transformers' ``ForSequenceClassificationLoss``: the loss of ``config.problem_type``, inferred from
-        the labels when unset; cross-entropy summed over ``num_items_in_batch`` when the Trainer gives it."""
-        num_labels = config.num_labels
-        if config.problem_type is None:
-            if num_labels == 1:
-                config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                config.problem_type = "single_label_classification"
-            else:
-                config.problem_type = "multi_label_classification"
-        labels = labels.to(pooled_logits.device)
-        if config.problem_type == "regression":
-            if num_labels == 1:
-                return F.mse_loss(pooled_logits.squeeze(), labels.squeeze())
-            return F.mse_loss(pooled_logits, labels)
-        if config.problem_type == "single_label_classification":
-            reduction = "sum" if num_items_in_batch is not None else "mean"
-            loss = F.cross_entropy(pooled_logits.view(-1, num_labels), labels.view(-1), reduction=reduction)
-            return loss if num_items_in_batch is None else loss / torch.as_tensor(num_items_in_batch).to(loss.device)
-        if config.problem_type == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(pooled_logits, labels)
-        raise RuntimeError(f"Invalid problem type: {config.problem_type}")
 
 
 @dataclass
@@ -162,23 +78,74 @@ class MambaVisionModelOutput(ModelOutput):
         return self.stage_maps[-1]
 
 
+def window_count(size, window):
+    """Windows along a side of ``size`` pixels, the last one zero-padded: ceil(size / window), written so that
+    under dynamic shapes it stays one small expression per size."""
+    return (size + window - 1) // window
+
+
 def window_partition(x, window):
-    """(B, C, H, W) with H, W multiples of ``window`` -> (B * windows, window * window, C) token sequences.
+    """(B, C, H, W) -> (B * windows, window * window, C) token sequences, the map zero-padded right and bottom to
+    whole windows (padded tokens take part, as in the original).
 
     Tokens are row-major inside a window, windows row-major over the map, batch outermost. Sizes are spelled
     out (no -1 to infer), which keeps the shape arithmetic small under export with dynamic height and width.
     """
     b, c, h, w = x.shape
-    rows, cols = h // window, w // window
+    rows, cols = window_count(h, window), window_count(w, window)
+    x = F.pad(x, (0, cols * window - w, 0, rows * window - h))
+    if is_exporting():
+        return export_window_partition(x, window)
     x = x.view(b, c, rows, window, cols, window)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b * rows * cols, window * window, c)  # (B, rows, cols, ws, ws, C)
 
 
 def window_reverse(windows, window, batch, height, width):
-    """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width)."""
+    """Inverse of ``window_partition``: (B * windows, window * window, C) -> (B, C, height, width), the padding
+    cut off."""
     c = windows.shape[-1]
-    x = windows.view(batch, height // window, width // window, window, window, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, height, width)  # (B, C, rows, ws, cols, ws)
+    if is_exporting():
+        return export_window_reverse(windows, window, batch, height, width)
+    rows, cols = window_count(height, window), window_count(width, window)
+    x = windows.view(batch, rows, cols, window, window, c)
+    x = x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, rows * window, cols * window)  # (B, C, rows, ws, cols, ws)
+    return x[:, :, :height, :width]
+
+
+# torch.export traces with symbolic sizes but settles each size comparison on the example input, and PyTorch's
+# shape checks compare every dimension with 1: a tensor with a dimension of window rows or columns (one window per
+# level: MambaVision-T at 224) specialises the program to that count (a guard such as height <= 224). Under export
+# the windows are gathered by a computed index instead, so that no tensor has such a dimension: the same values,
+# one gather in place of the permuting copy.
+
+
+def export_window_partition(x, window):
+    """``window_partition`` of a padded (B, C, H, W) map with an index gather from its (B * H * W, C) pixels."""
+    b, c, h, w = x.shape
+    cols = w // window
+    token = torch.arange(b * h * w, device=x.device)  # token = (window_index * window + i) * window + j
+    window_index, i, j = token // window**2, token // window % window, token % window
+    row = window_index // cols  # the row of windows counted over the batch: b * rows + r
+    col = window_index - row * cols  # (not % cols: ONNX's exporter takes no symbolic divisor there)
+    pixel = (row * window + i) * w + col * window + j
+    pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # (B, H, W, C) -> (B * H * W, C)
+    return pixels.index_select(0, pixel).view(b * h * w // window**2, window * window, c)
+
+
+def export_window_reverse(windows, window, batch, height, width):
+    """``window_reverse`` with an index gather of each pixel of the unpadded map from the (tokens, C) windows."""
+    c = windows.shape[-1]
+    rows, cols = window_count(height, window), window_count(width, window)
+    pixel = torch.arange(batch * height * width, device=windows.device)  # pixel = (b * height + y) * width + x
+    line = pixel // width  # b * height + y; remainders as differences, as in export_window_partition
+    b = line // height
+    y, x = line - b * height, pixel - line * width
+    window_index = (b * rows + y // window) * cols + x // window
+    token = (window_index * window + y % window) * window + x % window
+    x = windows.flatten(0, 1).index_select(0, token)  # (B * height * width, C)
+    # (B, H, W, C) -> (B, C, H, W), contiguous as in eager: a channels-last map would have the next convolution's
+    # backend choice guard the batch size
+    return x.view(batch, height, width, c).permute(0, 3, 1, 2).contiguous()
 
 
 class MambaVisionStem(nn.Module):
@@ -437,7 +404,7 @@ class MambaVisionStage(GradientCheckpointingLayer):
     def __init__(self, config, level, drop_paths):
         super().__init__()
         dim = config.dim * 2**level
-        self.windowed = level >= 2
+        self.windowed = level in HYBRID_LEVELS
         self.window = config.window_size[level]
         if self.windowed:
             attention = set(attention_block_indices(config.depths[level]))
@@ -455,17 +422,11 @@ class MambaVisionStage(GradientCheckpointingLayer):
         pad, attentions = 0, ()
         if self.windowed:
             batch, _, height, width = x.shape
-            # zero-pad right/bottom to whole windows; padded tokens take part, as in the original. Written as
-            # ceil(size / window) * window: under dynamic shapes this stays one small expression per size
-            padded_height = (height + self.window - 1) // self.window * self.window
-            padded_width = (width + self.window - 1) // self.window * self.window
-            x = F.pad(x, (0, padded_width - width, 0, padded_height - height))
             x = window_partition(x, self.window)
             for block in self.blocks:
                 x, weights = block(x, output_attentions)
                 attentions += (weights,) if weights is not None else ()
-            x = window_reverse(x, self.window, batch, padded_height, padded_width)[:, :, :height, :width]
-            stage_map = x
+            x = stage_map = window_reverse(x, self.window, batch, height, width)
         else:
             channels = x.shape[1]
             pad = conv_channel_padding(self, x)
@@ -534,7 +495,7 @@ class MambaVisionClassifierEncoder(MambaVisionPooledEncoder):
 
 class MambaVisionPreTrainedModel(LegacyGammaLoading, PreTrainedModel):
     config_class = MambaVisionConfig
-    base_model_prefix = "mambavision"
+    base_model_prefix = "model"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # config._attn_implementation picks MambaVisionAttention's function: "sdpa" or "eager"
@@ -773,10 +734,10 @@ AUTO_MAP = {
     "AutoModelForSemanticSegmentation": "modeling_mambavision_segmentation.MambaVisionForSemanticSegmentation",
     "AutoImageProcessor": "image_processing_mambavision.MambaVisionImageProcessor",
 }
-HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "selective_scan.py", "selective_scan_triton.py",
-             "image_processing_mambavision.py", "modeling_mambavision_segmentation.py",
-             "image_processing_mambavision_segmentation.py", "modeling_mambavision_detection.py",
-             "modeling_mambavision_instance_segmentation.py")
+HUB_FILES = ("configuration_mambavision.py", "modeling_mambavision.py", "compatibility_mambavision.py",
+             "selective_scan.py", "selective_scan_triton.py", "image_processing_mambavision.py",
+             "modeling_mambavision_segmentation.py", "image_processing_mambavision_segmentation.py",
+             "modeling_mambavision_detection.py", "modeling_mambavision_instance_segmentation.py")
 # The folders of a transformers head on MambaVisionBackbone, by model class: each has a config class of its own (the
 # head's, with a MambaVision backbone_config) and the head's own image processor in preprocessor_config.json (no code
 # of ours there): Deformable DETR's for the detector, Mask2Former's for instance segmentation.

@@ -13,8 +13,9 @@ instance with its label name and score.
 
 from transformers import AutoImageProcessor, ImageSegmentationPipeline, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
+from .compatibility_mambavision import LegacyGammaLoading
 from .configuration_mambavision import MambaVisionConfig
-from .modeling_mambavision import HeadOnMambaVisionBackbone, LegacyGammaLoading
+from .modeling_mambavision import HeadOnMambaVisionBackbone
 
 # Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the relative
 # imports written in the file it loads, so every file that the backbone imports is named here (see modeling_mambavision)

@@ -18,6 +18,7 @@ from .modeling_mambavision import MambaVisionEncoder, MambaVisionPreTrainedModel
 
 # Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the relative
 # imports written in the file it loads, so the model files' own imports are named here too (see modeling_mambavision).
+from .compatibility_mambavision import is_compiling  # noqa: F401
 from .configuration_mambavision import MambaVisionConfig  # noqa: F401
 from .selective_scan import selective_scan  # noqa: F401
 

@@ -9,15 +9,14 @@ Every backend has the signature of ``mamba_ssm.ops.selective_scan_interface.sele
     h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (state (dim, d_state), float32)
     y_t   = <h_t, C_t> + D * u_t,  then  y * silu(z)          (when z is given)
 
-Backends (``SCAN_BACKENDS``): ``torch`` (this file: runs anywhere, differentiable; ``selective_scan_chunked``,
-loop-free, for compiled and exported graphs and GPUs, the step loop ``selective_scan_ref`` in eager on a CPU),
-``triton`` (``selective_scan_triton.py``: CUDA, power-of-two d_state, no z) and ``mamba_ssm`` (its CUDA
-kernel, when installed). ``resolve_backend`` makes the one choice; ``MAMBAVISION_SCAN_BACKEND`` or the
-config's ``scan_backend`` force a backend, ``auto`` takes the fastest that supports the tensors at hand and
-passes a self-check. ``selective_scan_ref`` is also the reference the others are tested against.
+Backends (``SCAN_BACKENDS``, named in the configuration): ``torch`` (this file: runs anywhere, differentiable;
+``selective_scan_chunked``, loop-free, for compiled and exported graphs and GPUs, the step loop
+``selective_scan_sequential`` in eager on a CPU), ``triton`` (``selective_scan_triton.py``: CUDA, power-of-two
+d_state, no z) and ``mamba_ssm`` (its CUDA kernel, when installed). ``resolve_backend`` makes the one choice;
+``MAMBAVISION_SCAN_BACKEND`` or the config's ``scan_backend`` force a backend, ``auto`` takes the fastest that
+supports the tensors at hand and passes a self-check against ``selective_scan_sequential``.
 """
 
-import importlib
 import logging
 import math
 import os
@@ -25,15 +24,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.3
-    from torch.compiler import is_compiling
-except ImportError:  # torch 2.1-2.2
-    from torch._dynamo import is_compiling
+from .compatibility_mambavision import is_compiling
+from .configuration_mambavision import check_backend_name
 
 logger = logging.getLogger(__name__)
 
 ENV_BACKEND = "MAMBAVISION_SCAN_BACKEND"
-SCAN_BACKENDS = ("torch", "triton", "mamba_ssm")  # every implementation; "auto" chooses among them
 
 # The chunked scan: CHUNK tokens per chunk. A step's log-decay is floored at LOG_DECAY_FLOOR (exp(-20) = 2e-9:
 # such a step forgets its state to float32 precision), so a chunk's decays span at most CHUNK * 20 in log space
@@ -43,11 +39,11 @@ CHUNK = 6
 LOG_DECAY_FLOOR = -20.0
 
 
-def selective_scan_ref(
+def selective_scan_sequential(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
-    """The recurrence step by step in float32: the reference every other backend is tested against, and the
-    ``torch`` backend in eager mode on a CPU.
+    """The recurrence step by step in float32: the ``torch`` backend in eager mode on a CPU, and what the fast
+    kernels' self-check compares with.
 
     The element-wise work is vectorised over (batch, dim, d_state) and laid out time-major, so the
     sequential part is one fused multiply-add per step on a contiguous slice; without autograd the steps
@@ -142,17 +138,13 @@ _warned = set()
 
 
 def _triton_scan():
-    """This project's Triton scan if Triton imports, else None.
-
-    Imported by name rather than by a ``from .selective_scan_triton import`` line: transformers' remote-code
-    loader copies each ``from .x import`` it reads, and the configuration imports this file (for
-    ``SCAN_BACKENDS``) where the Triton file is not copied along; the model file names it so it travels.
-    """
+    """This project's Triton scan if Triton imports, else None."""
     try:
-        return importlib.import_module(".selective_scan_triton", __package__).selective_scan_triton
+        from .selective_scan_triton import selective_scan_triton
     except Exception as error:  # noqa: BLE001 - any import failure means "not available"
         logger.debug("Triton scan unavailable: %s", error)
         return None
+    return selective_scan_triton
 
 
 def _mamba_ssm_scan():
@@ -177,13 +169,16 @@ def _kernel(name):
 
 
 def _unsupported(name, device, d_state):
-    """Why fast backend ``name`` cannot run the scan for these tensors, or None when it can."""
+    """Why fast backend ``name`` cannot run the scan for these tensors, or None when it can (decided before
+    anything touches the GPU)."""
     if device.type != "cuda":
         return f"needs a CUDA tensor, got one on {device.type}"
-    if name == "triton" and d_state & (d_state - 1):
-        return f"needs a power-of-two d_state, got {d_state}"
     if _kernel(name) is None:
         return "does not import (see the debug log)"
+    if name == "triton":  # the kernel's own rule (it imported, just above)
+        from .selective_scan_triton import d_state_problem
+
+        return d_state_problem(d_state)
     return None
 
 
@@ -201,7 +196,7 @@ def _self_check_failure(name, device, d_state, dtype):
             D, bias = torch.randn(2, d, generator=gen).to(device)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 got = _kernel(name)(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True).float()
-                want = selective_scan_ref(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True).float()
+                want = selective_scan_sequential(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True).float()
             error = ((got - want).norm() / want.norm()).item()
             tolerance = 1e-3 if dtype == torch.float32 else 2e-2
             _checked[key] = None if error <= tolerance else f"is off by {error:.1e} in its self-check"
@@ -214,14 +209,6 @@ def _warn_once(message):
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
-
-
-def check_backend_name(name, what):
-    """Refuse a scan backend name other than "auto" and ``SCAN_BACKENDS`` with a ValueError that says ``what`` held
-    it (the config field, the environment variable, the requested backend): the config and ``resolve_backend``
-    both check with it."""
-    if name != "auto" and name not in SCAN_BACKENDS:
-        raise ValueError(f"{what}: unknown scan backend {name!r}; choose auto or one of {', '.join(SCAN_BACKENDS)}")
 
 
 @torch.compiler.assume_constant_result
@@ -258,7 +245,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tr
     if name != "torch":
         scan = _kernel(name)
     elif u.device.type == "cpu" and not is_compiling():
-        scan = selective_scan_ref
+        scan = selective_scan_sequential
     else:
         scan = selective_scan_chunked
     return scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)

@@ -248,13 +248,19 @@ def _register_ops():
 _scan_fwd = _register_ops()
 
 
+def d_state_problem(d_state):
+    """Why this kernel cannot take ``d_state`` (it needs a power of two), or None: the entry point below refuses
+    such a scan, and the dispatcher asks before it picks the kernel."""
+    return f"needs a power-of-two d_state, got {d_state}" if d_state & (d_state - 1) else None
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
     """``selective_scan_fn``'s signature for MambaVision's case: D, delta_bias and softplus, no z."""
     if z is not None or not delta_softplus or return_last_state or D is None or delta_bias is None:
         raise NotImplementedError("the Triton scan covers MambaVision's case: D, delta_bias, softplus, no z")
-    if A.shape[1] & (A.shape[1] - 1):
-        raise NotImplementedError(f"the Triton scan needs a power-of-two d_state, got {A.shape[1]}")
+    if d_state_problem(A.shape[1]):
+        raise NotImplementedError(f"the Triton scan {d_state_problem(A.shape[1])}")
     save_states = torch.is_grad_enabled() and any(
         t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
     return _scan_fwd(u, delta, A, B, C, D, delta_bias, save_states)[0]

@@ -492,13 +492,6 @@ def run_cpu(args):
     return rows
 
 
-@contextlib.contextmanager
-def size_oblivious():
-    """Dynamic sizes that happen to be 1 at the example (a single window) do not specialise the graph."""
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        yield
-
-
 def cpu_export_rows(args):
     """torch.export and ONNX export of T with dynamic batch, height and width (seconds), then onnxruntime against
     eager PyTorch at batch 1, pair by pair, and the largest difference of their logits at two other sizes."""
@@ -508,16 +501,14 @@ def cpu_export_rows(args):
     example = torch.randn(2, 3, size, size)
     rows = []
     start = time.perf_counter()
-    with size_oblivious():
-        dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-        torch.export.export(model, (example,), dynamic_shapes={"pixel_values": dims})
-        rows.append({"model": "MambaVision-T torch.export (dynamic batch/H/W)",
-                     "export_s": time.perf_counter() - start})
-        path = Path(args.onnx_path) if args.onnx_path else Path(tempfile.mkdtemp()) / "mambavision-t.onnx"
-        start = time.perf_counter()
-        torch.onnx.export(model, (example,), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"],
-                          dynamic_shapes={"pixel_values": {0: "batch", 2: "height", 3: "width"}}, verbose=False)
-        rows.append({"model": "MambaVision-T ONNX export (dynamic batch/H/W)", "export_s": time.perf_counter() - start})
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    torch.export.export(model, (example,), dynamic_shapes={"pixel_values": dims})
+    rows.append({"model": "MambaVision-T torch.export (dynamic batch/H/W)", "export_s": time.perf_counter() - start})
+    path = Path(args.onnx_path) if args.onnx_path else Path(tempfile.mkdtemp()) / "mambavision-t.onnx"
+    start = time.perf_counter()
+    torch.onnx.export(model, (example,), path, dynamo=True, input_names=["pixel_values"], output_names=["logits"],
+                      dynamic_shapes={"pixel_values": {0: "batch", 2: "height", 3: "width"}}, verbose=False)
+    rows.append({"model": "MambaVision-T ONNX export (dynamic batch/H/W)", "export_s": time.perf_counter() - start})
     options = onnxruntime.SessionOptions()  # idle threads sleep, so they take no time from the eager runs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -598,7 +589,7 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
                         help="default infer; with --targets, a filter")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["bf16"])
-    parser.add_argument("--backends", nargs="+", choices=scan.SCAN_BACKENDS, default=["triton"])
+    parser.add_argument("--backends", nargs="+", choices=configuration.SCAN_BACKENDS, default=["triton"])
     parser.add_argument("--compile-modes", nargs="+", default=["eager"],
                         help="eager, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     parser.add_argument("--fold", action="store_true", help="fold BatchNorm into convolutions (inference)")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mambavision_tools import model_code  # noqa: E402
 
 kernels = model_code.load("selective_scan_triton")
-reference = model_code.load("selective_scan").selective_scan_ref
+reference = model_code.load("selective_scan").selective_scan_sequential
 
 # (sequences, channels, length): at 224x224 each image is one window at levels 2 and 3, so the level-2/3 mixers
 # of T, S and B at batch 256 (inference) and 128 (training); the 512x512 variants' levels 2 and 3 (32x32 and

@@ -262,9 +262,9 @@ def test_requirements_keep_the_installed_torch():
 
 
 NEWER_TORCH_APIS = {  # what the model files must import with a fallback (oldest supported: torch 2.1)
-    "torch.compiler.is_compiling": "2.3", "torch.library.custom_op": "2.4", "torch.library.register_fake": "2.4",
-    "torch.library.triton_op": "2.6", "torch.library.wrap_triton": "2.6", "torch.nn.attention": "2.2",
-    "torch.compiler.set_stance": "2.6",
+    "torch.compiler.is_compiling": "2.3", "torch.compiler.is_exporting": "2.4", "torch.library.custom_op": "2.4",
+    "torch.library.register_fake": "2.4", "torch.library.triton_op": "2.6", "torch.library.wrap_triton": "2.6",
+    "torch.nn.attention": "2.2", "torch.compiler.set_stance": "2.6",
 }
 IMPORT_ERROR_HANDLERS = {"ImportError", "Exception", "BaseException"}  # a missing name raises ImportError itself
 

@@ -748,6 +748,30 @@ def test_hub_files_hold_every_module_they_import():
         assert f"{module}.py" in modeling.HUB_FILES and hasattr(model_code.load(module), cls), entry
 
 
+def relative_imports(name):
+    """The model files that model file ``name`` imports, found as transformers' remote-code loader finds them
+    (its two patterns, anywhere in the text: inside ``try`` and functions too)."""
+    text = (ROOT / name).read_text()
+    found = re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)
+    found += re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE)
+    return {f"{module}.py" for module in found}
+
+
+def test_model_files_import_without_a_cycle_and_name_every_file_they_need():
+    """transformers up to 4.53 follows relative imports in a loop that never ends on a cycle (a folder's model then
+    hangs in save_pretrained), and before 5.10 it copies from a local folder only the files that the loaded file
+    imports itself: so no cycle, and each file a class or processor is loaded from imports all that it needs."""
+    graph = {name: relative_imports(name) for name in modeling.HUB_FILES}
+
+    def needed(name, path=()):
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        return set().union(*(needed(module, (*path, name)) | {module} for module in graph[name]))
+
+    for entry in {*modeling.AUTO_MAP.values(), *(e for m in modeling.HEAD_AUTO_MAPS.values() for e in m.values())}:
+        module = entry.split(".")[0] + ".py"
+        assert needed(module) <= graph[module], f"{module} imports {sorted(graph[module])}, needs {sorted(needed(module))}"
+
+
 # --- download, --all, listing ---------------------------------------------------------------------------------
 
 

@@ -10,8 +10,12 @@ from mambavision_tools import model_code
 
 scan = model_code.load("selective_scan")
 
-TRACED = (2, 3, 200, 136)  # both windowed levels pad their maps (13x9 -> 16x12 and 7x5 -> 8x6)
-OTHERS = [(1, 3, 64, 64), (3, 3, 100, 37), (1, 3, 224, 160)]  # one window per level, odd sizes, batch 1 and 3
+# Exports run at MambaVision-T's native 224 with T's windows (14 and 7): each windowed level holds exactly one window
+# there, the case where a traced size of 1 would specialise the program. The other sizes hold several windows, pad
+# them, or both, at each level, with another batch size.
+EXPORTED = (2, 3, 224, 224)
+OTHERS = [(1, 3, 320, 256), (3, 3, 200, 136)]  # 20x16 and 10x8 maps (2x2 windows, padded); 13x9 and 7x5 (one, padded)
+COMPILED = (2, 3, 200, 136)  # both windowed levels of the tiny model pad their maps (13x9 -> 16x12 and 7x5 -> 8x6)
 DYNAMIC = {"pixel_values": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
 
 
@@ -20,6 +24,14 @@ def model():
     """A tiny classifier with a mixer and an attention block at each windowed level."""
     torch.manual_seed(0)
     return randomize_batchnorm(modeling.MambaVisionModelForImageClassification(tiny_config(depths=[1, 1, 1, 2]))).eval()
+
+
+@pytest.fixture(scope="module")
+def t_windowed():
+    """The tiny classifier with MambaVision-T's windows and a mixer and an attention block at each windowed level."""
+    torch.manual_seed(0)
+    config = tiny_config(depths=[1, 1, 2, 2], window_size=[8, 8, 14, 7])
+    return randomize_batchnorm(modeling.MambaVisionModelForImageClassification(config)).eval()
 
 
 def pixels(shape, seed=1):
@@ -32,32 +44,41 @@ def eager_logits(model, shape):
 
 
 @pytest.fixture(scope="module")
-def exported(model):
-    """torch.export with dynamic batch, height and width; size-oblivious, so a map or window count of 1 at some
-    resolution does not specialise the program (PyTorch's documented switch against 0/1 specialisation)."""
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        return torch.export.export(model, (pixels(TRACED),), dynamic_shapes=DYNAMIC)
+def exported(t_windowed):
+    """torch.export with dynamic batch, height and width, no switches."""
+    return torch.export.export(t_windowed, (pixels(EXPORTED),), dynamic_shapes=DYNAMIC)
 
 
-def test_export_with_dynamic_batch_height_and_width(model, exported):
-    assert len(exported.range_constraints) == 3  # batch, height and width stayed symbolic
-    for shape in OTHERS:
+def test_export_at_one_window_per_level_runs_at_other_sizes(t_windowed, exported):
+    assert len(exported.range_constraints) == 3, exported.range_constraints  # batch, height and width stayed symbolic
+    for shape in [EXPORTED, *OTHERS]:
         with torch.no_grad():
             got = exported.module()(pixels(shape)).logits
-        torch.testing.assert_close(got, eager_logits(model, shape), rtol=1e-4, atol=1e-4, msg=str(shape))
+        torch.testing.assert_close(got, eager_logits(t_windowed, shape), rtol=1e-4, atol=1e-4, msg=str(shape))
 
 
-def test_onnx_export_runs_in_onnxruntime_at_other_resolutions(model, exported, tmp_path):
+def test_onnx_export_at_one_window_per_level_runs_in_onnxruntime_at_other_sizes(t_windowed, exported, tmp_path):
     path = tmp_path / "mambavision.onnx"
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        torch.onnx.export(exported, f=path, dynamo=True, input_names=["pixel_values"], output_names=["logits"])
+    torch.onnx.export(exported, f=path, dynamo=True, input_names=["pixel_values"], output_names=["logits"])
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch, channels, height, width = session.get_inputs()[0].shape  # symbolic sizes are names
     assert channels == 3 and all(isinstance(size, str) for size in (batch, height, width)), (batch, height, width)
     for shape in OTHERS:
         (logits,) = session.run(["logits"], {"pixel_values": pixels(shape).numpy()})
-        torch.testing.assert_close(torch.from_numpy(logits), eager_logits(model, shape), rtol=1e-4, atol=1e-4,
-                                   msg=str(shape))
+        torch.testing.assert_close(torch.from_numpy(logits), eager_logits(t_windowed, shape), rtol=1e-4,
+                                   atol=1e-4, msg=str(shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 14, 14), (3, 5, 13, 30)])  # one window; 1x3 windows, both sides padded
+def test_export_window_partition_and_reverse_are_the_eager_ones(shape):
+    """Under export the windows are gathered by a computed index: the same tokens and maps, bit for bit."""
+    (batch, _, height, width), window = shape, 14
+    x = pixels(shape)
+    tokens = modeling.window_partition(x, window)
+    padded = torch.nn.functional.pad(x, (0, -width % window, 0, -height % window))
+    assert torch.equal(modeling.export_window_partition(padded, window), tokens)
+    assert torch.equal(modeling.window_reverse(tokens, window, batch, height, width), x)
+    assert torch.equal(modeling.export_window_reverse(tokens, window, batch, height, width), x)
 
 
 def test_exported_scan_is_not_unrolled_over_tokens():
@@ -82,7 +103,7 @@ def test_torch_compile_fullgraph(model):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # inductor's C++ backend on CPU; raises on any graph break
     with torch.no_grad():
-        torch.testing.assert_close(compiled(pixels(TRACED)).logits, eager_logits(model, TRACED), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(pixels(COMPILED)).logits, eager_logits(model, COMPILED), rtol=1e-4, atol=1e-4)
 
 
 def test_second_resolution_compiles_one_static_graph(model):

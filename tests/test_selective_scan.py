@@ -10,7 +10,7 @@ from conftest import FIXTURE_NAMES, FIXTURE_SIZES, assert_close_relative, load_f
 from mambavision_tools import model_code
 
 scan = model_code.load("selective_scan")
-SCANS = {"chunked": scan.selective_scan_chunked, "ref": scan.selective_scan_ref}
+SCANS = {"chunked": scan.selective_scan_chunked, "sequential": scan.selective_scan_sequential}
 CHUNK = scan.CHUNK
 
 
@@ -133,8 +133,8 @@ def fresh_choice(monkeypatch):
 
 def test_backend_names_are_defined_once():
     configuration = model_code.load("configuration_mambavision")
-    assert configuration.check_backend_name is scan.check_backend_name  # the config checks names with the same list
-    assert set(scan._FAST_BACKENDS) | {"torch"} == set(scan.SCAN_BACKENDS)
+    assert configuration.check_backend_name is scan.check_backend_name  # the dispatcher checks names with the config's
+    assert set(scan._FAST_BACKENDS) | {"torch"} == set(configuration.SCAN_BACKENDS)
     assert list(scan._FAST_BACKENDS) == ["triton", "mamba_ssm"]  # auto's order: the faster kernel first
 
 
@@ -153,8 +153,8 @@ def test_forced_and_unknown_backends(fresh_choice, monkeypatch):
 
 
 def test_auto_on_cuda_falls_back_with_one_warning_naming_each_reason(fresh_choice, monkeypatch, caplog):
-    """A d_state the Triton scan does not support and a mamba-ssm that does not import: the PyTorch scan,
-    one warning saying why (decided before anything touches the GPU, so this runs without one)."""
+    """A d_state the Triton scan does not support (or no triton at all) and a mamba-ssm that does not import: the
+    PyTorch scan, one warning saying why (decided before anything touches the GPU, so this runs without one)."""
     monkeypatch.setitem(scan._kernels, "mamba_ssm", None)
     cuda = torch.device("cuda")
     with caplog.at_level(logging.WARNING, logger=scan.logger.name):
@@ -162,8 +162,9 @@ def test_auto_on_cuda_falls_back_with_one_warning_naming_each_reason(fresh_choic
             assert scan.resolve_backend("auto", cuda, 6, torch.bfloat16) == "torch"
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "triton needs a power-of-two d_state, got 6" in message and "mamba_ssm does not import" in message
-    with pytest.raises(RuntimeError, match="'triton' was forced but cannot run here: needs a power-of-two d_state"):
+    triton_reason = "needs a power-of-two d_state, got 6" if scan._kernel("triton") else "does not import"
+    assert f"triton {triton_reason}" in message and "mamba_ssm does not import" in message, message
+    with pytest.raises(RuntimeError, match=f"'triton' was forced but cannot run here: {triton_reason}"):
         scan.resolve_backend("triton", cuda, 6, torch.float32)
 
 
@@ -173,7 +174,7 @@ def test_self_check_runs_at_the_calls_d_state_and_dtype(fresh_choice, monkeypatc
 
     def kernel_right_for_d_state_8_fp32(u, delta, A, B, C, D, delta_bias, delta_softplus):
         calls.append((A.shape[1], u.dtype))
-        y = scan.selective_scan_ref(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+        y = scan.selective_scan_sequential(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
         return y if (A.shape[1], u.dtype) == (8, torch.float32) else y + 1
 
     monkeypatch.setitem(scan._kernels, "triton", kernel_right_for_d_state_8_fp32)
@@ -197,7 +198,7 @@ def test_torch_backend_loops_in_eager_on_cpu_and_chunks_when_compiled(fresh_choi
 
     order = ("u", "delta", "A", "B", "C", "D", "delta_bias")
     args = [inputs[k] for k in order]
-    torch.testing.assert_close(dispatched(*args), run(scan.selective_scan_ref, inputs), rtol=0, atol=0)
+    torch.testing.assert_close(dispatched(*args), run(scan.selective_scan_sequential, inputs), rtol=0, atol=0)
     compiled = torch.compile(dispatched, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), run(scan.selective_scan_chunked, inputs), rtol=0, atol=0)
 
@@ -207,7 +208,7 @@ def test_torch_backend_loops_in_eager_on_cpu_and_chunks_when_compiled(fresh_choi
 def test_model_with_chunked_scan_matches_original_outputs(name, monkeypatch):
     """The chunked scan (what compiled and exported graphs and GPUs run) in the whole model, against the
     original's outputs at every fixture size: float32 precision (1e-5 relative)."""
-    monkeypatch.setattr(scan, "selective_scan_ref", scan.selective_scan_chunked)  # the eager-CPU dispatch too
+    monkeypatch.setattr(scan, "selective_scan_sequential", scan.selective_scan_chunked)  # the eager-CPU dispatch too
     config, state_dict, expected = load_fixture(name)
     model = modeling.MambaVisionModelForImageClassification(config).eval()
     model.load_state_dict(state_dict, strict=True)

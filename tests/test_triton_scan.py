@@ -48,7 +48,7 @@ def compare_with_reference(batch, dim, length, dtype, device, seed, backend="tri
     order = ("u", "delta", "A", "B", "C", "D")
     kwargs = dict(delta_bias=inputs["delta_bias"], delta_softplus=True)
     fast = fast_scan(*(inputs[k] for k in order), **kwargs)
-    ref = scan.selective_scan_ref(*(inputs[k] for k in order), **kwargs)
+    ref = scan.selective_scan_sequential(*(inputs[k] for k in order), **kwargs)
     assert fast.dtype == ref.dtype == dtype
     weight = torch.randn(fast.shape, device=device)
     fast_grads = torch.autograd.grad((fast.float() * weight).sum(), list(inputs.values()))
@@ -66,7 +66,7 @@ def inference_error(batch, dim, length, dtype, device, seed):
     with torch.no_grad():
         fast = scan._FAST_BACKENDS["triton"]()(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
                                                delta_softplus=True)
-        ref = scan.selective_scan_ref(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
+        ref = scan.selective_scan_sequential(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
                                       delta_softplus=True)
     return relative_error(fast, ref)
 
