@@ -16,9 +16,10 @@ Data: a folder of images with a COCO json (``images``, ``annotations`` with ``bb
 (a ClassLabel sequence). The model is a new detector on a MambaVision backbone folder (``--backbone``: a
 converted classifier or COCO backbone; the head starts from random weights) or a detector folder (``--model``,
 given a new class head when the classes differ). transformers' ``DeformableDetrImageProcessor`` resizes (shortest
-edge ``--image-size``), normalises and pads; evaluation reports COCO box mAP (torchmetrics' MeanAveragePrecision
-on pycocotools). The output folder is Hub-ready (weights, config, model code, image processor, model card) and
-loads with ``AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True)`` or
+edge ``--image-size``), normalises and pads; evaluation, after training and on every process, reports COCO box mAP
+(torchmetrics' MeanAveragePrecision on pycocotools) of the predictions at each image's size against its annotations.
+The output folder is Hub-ready (weights, config, model code, image processor, ``handler.py``, model card) and loads
+with ``AutoModelForObjectDetection.from_pretrained(folder, trust_remote_code=True)`` or
 ``pipeline("object-detection", model=folder, trust_remote_code=True)``.
 
 Long runs lose no finished work, as with finetune.py: the training state is saved every --save-steps optimizer steps
@@ -171,28 +172,77 @@ class Collator:
         return {"pixel_values": batch["pixel_values"], "pixel_mask": batch["pixel_mask"], "labels": batch["labels"]}
 
 
-def box_map(processor):
-    """Trainer's compute_metrics: COCO box mAP, mAP@0.5 and mAP@0.75 of the post-processed predictions (at each
-    image's original size) against the labels, by torchmetrics on pycocotools."""
+EXAMPLE_INDEX = "example_index"  # a batch's indices into its dataset: evaluation looks the ground truth up by them
 
-    def compute(prediction):
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        for outputs, targets in zip(prediction.predictions, prediction.label_ids):  # batch by batch
-            logits, boxes = (torch.as_tensor(array) for array in outputs[1:3])  # after the loss dict
-            sizes = torch.stack([torch.as_tensor(target["orig_size"]) for target in targets])
-            detections = processor.post_process_object_detection(
-                SimpleNamespace(logits=logits, pred_boxes=boxes), threshold=0.0, target_sizes=sizes)
-            truths = []
-            for target, (height, width) in zip(targets, sizes.tolist()):
-                cx, cy, w, h = torch.as_tensor(target["boxes"]).unbind(-1)  # normalised centre format
-                xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * torch.tensor(
-                    [width, height, width, height])
-                truths.append({"boxes": xyxy, "labels": torch.as_tensor(target["class_labels"])})
-            metric.update(detections, truths)
-        result = metric.compute()
+
+class Numbered(torch.utils.data.Dataset):
+    """(index, example) of a dataset's examples, for ``NumberedCollator``."""
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return index, self.examples[index]
+
+
+class NumberedCollator:
+    """``collate``'s batch of the examples of (index, example) pairs, with their indices as ``EXAMPLE_INDEX``."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, pairs):
+        indices, examples = zip(*pairs)
+        return {**self.collate(list(examples)), EXAMPLE_INDEX: torch.tensor(indices)}
+
+
+class AveragePrecision:
+    """Trainer's ``compute_metrics`` with ``batch_eval_metrics``: COCO mAP, mAP@0.5 and mAP@0.75 (torchmetrics'
+    MeanAveragePrecision on pycocotools), accumulated batch by batch. ``compare(predictions, indices)`` gives
+    torchmetrics' predictions and ground truths of a batch: the outputs that ``DetectionTrainer.prediction_step``
+    keeps, of the evaluation examples at ``indices``. Trainer hands every process every process's batches: each one
+    computes the whole result."""
+
+    def __init__(self, iou_type, compare):
+        self.metric = MeanAveragePrecision(iou_type=iou_type, backend="pycocotools", sync_on_compute=False)
+        self.compare = compare
+
+    def __call__(self, prediction, compute_result=False):
+        self.metric.update(*self.compare(prediction.predictions, prediction.label_ids.tolist()))
+        if not compute_result:
+            return {}
+        result = self.metric.compute()
+        self.metric.reset()
         return {name: float(result[name]) for name in ("map", "map_50", "map_75")}
 
-    return compute
+
+def detection_outputs(outputs, inputs):
+    """What box mAP needs of the detector's outputs: class logits and boxes (normalised centre x/y, width, height)."""
+    return outputs.logits, outputs.pred_boxes
+
+
+def compare_boxes(processor, examples):
+    """``AveragePrecision``'s ``compare`` for boxes: the post-processed detections at each image's size (every query
+    and class kept) and the image's COCO boxes (crowd regions marked, which COCO's evaluation ignores)."""
+
+    def compare(predictions, indices):
+        logits, boxes = (tensor.float().cpu() for tensor in predictions)
+        found = [examples[index] for index in indices]
+        sizes = torch.tensor([image.size[::-1] for image, _ in found])  # (height, width)
+        detections = processor.post_process_object_detection(
+            SimpleNamespace(logits=logits, pred_boxes=boxes), threshold=0.0, target_sizes=sizes)
+        truths = []
+        for _, objects in found:
+            x, y, width, height = torch.tensor([o["bbox"] for o in objects]).reshape(-1, 4).float().unbind(-1)
+            truths.append({"boxes": torch.stack([x, y, x + width, y + height], -1),
+                           "labels": torch.tensor([o["category_id"] for o in objects], dtype=torch.long),
+                           "iscrowd": torch.tensor([o.get("iscrowd", 0) for o in objects], dtype=torch.long)})
+        return detections, truths
+
+    return compare
 
 
 def build_model(args, labels):
@@ -209,7 +259,9 @@ def build_model(args, labels):
         fail(f"cannot load {args.model or args.backbone}: {first_line(error)}")
 
 
-def model_card(args, trainer, labels, metrics, eval_images, repo_id):
+def model_card(args, trainer, template, labels, metrics, eval_images, repo_id, data, pipeline_tag, tags):
+    """The output folder's README.md from ``template``: the base model's license, the evaluation's mAP, the training
+    settings."""
     base = args.backbone or args.model
     try:
         base_card = ModelCard.load(Path(base) / "README.md" if Path(base).is_dir() else base).data
@@ -220,11 +272,10 @@ def model_card(args, trainer, labels, metrics, eval_images, repo_id):
                     f"Check the license of the base model ({base}) before use.")
     card_data = ModelCardData(license=base_card.license, license_name=base_card.get("license_name"),
                               license_link=base_card.get("license_link"), library_name="transformers",
-                              pipeline_tag="object-detection", tags=["vision", "object-detection", "mambavision"])
-    data = args.dataset or Path(args.train_annotations).stem
+                              pipeline_tag=pipeline_tag, tags=["vision", *tags, "mambavision"])
     targs = trainer.args
     return ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, name=Path(repo_id).name, base=base, data=data, labels=labels,
+        card_data, template_str=template, name=Path(repo_id).name, base=base, data=data, labels=labels,
         map=metrics.get("eval_map"), map50=metrics.get("eval_map_50"), eval_images=eval_images, repo_id=repo_id,
         steps=trainer.state.global_step, learning_rate=targs.learning_rate, seed=args.seed,
         backbone_learning_rate=args.backbone_learning_rate, image_size=args.image_size, license=license_text,
@@ -232,11 +283,14 @@ def model_card(args, trainer, labels, metrics, eval_images, repo_id):
 
 
 class DetectionTrainer(Trainer):
-    """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's)."""
+    """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's), whose evaluation
+    hands ``compute_metrics`` what ``kept_outputs(outputs, inputs)`` keeps of each batch's outputs and the batch's
+    ``EXAMPLE_INDEX``: tensors of one shape on every process, which Trainer gathers across processes (the labels,
+    a list of each image's objects, it cannot)."""
 
-    def __init__(self, *args, backbone_learning_rate, **kwargs):
+    def __init__(self, *args, backbone_learning_rate, kept_outputs, **kwargs):
         super().__init__(*args, **kwargs)
-        self.backbone_learning_rate = backbone_learning_rate
+        self.backbone_learning_rate, self.kept_outputs = backbone_learning_rate, kept_outputs
 
     def create_optimizer(self, *args, **kwargs):
         backbone = {id(parameter) for parameter in self.model.backbone.parameters()}
@@ -246,6 +300,47 @@ class DetectionTrainer(Trainer):
                                             {"params": groups[1], "lr": self.backbone_learning_rate}],
                                            lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        inputs.pop(EXAMPLE_INDEX, None)  # for evaluation, not the model
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        indices = inputs.pop(EXAMPLE_INDEX)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.mean().detach(), self.kept_outputs(outputs, inputs), indices
+
+
+def add_arguments(parser, learning_rate, backbone_learning_rate, weight_decay):
+    """The arguments of finetune_detection.py and finetune_instance_segmentation.py past their data and head."""
+    parser.add_argument("--eval-images", help="folder of evaluation images (with --eval-annotations)")
+    parser.add_argument("--eval-annotations", help="COCO json of --eval-images")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
+    parser.add_argument("--image-size", type=int, default=800, help="shortest image edge (default: 800)")
+    parser.add_argument("--max-size", type=int, default=1333, help="longest image edge (default: 1333)")
+    parser.add_argument("--epochs", type=float, default=50, help="training epochs (default: 50)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per process and step (default: 4)")
+    parser.add_argument("--learning-rate", type=float, default=learning_rate,
+                        help=f"head learning rate (default: {learning_rate})")
+    parser.add_argument("--backbone-learning-rate", type=float, default=backbone_learning_rate,
+                        help=f"backbone's (default: {backbone_learning_rate})")
+    parser.add_argument("--weight-decay", type=float, default=weight_decay,
+                        help=f"AdamW weight decay (default: {weight_decay})")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
+    scale_utils.add_output_arguments(parser)
+
+
+def check_arguments(parser, args):
+    """Refuse what ``add_arguments``' arguments cannot be, before any training."""
+    if bool(args.eval_images) != bool(args.eval_annotations):
+        parser.error("--eval-images and --eval-annotations go together")
+    scale_utils.check_output_dir(parser, args)
 
 
 def parse_arguments(argv):
@@ -257,35 +352,18 @@ def parse_arguments(argv):
     data.add_argument("--train-images", help="folder of training images (with --train-annotations)")
     data.add_argument("--dataset", help="a `datasets` dataset (Hub id or folder) with image and objects columns")
     parser.add_argument("--train-annotations", help="COCO json of --train-images")
-    parser.add_argument("--eval-images", help="folder of evaluation images (with --eval-annotations)")
-    parser.add_argument("--eval-annotations", help="COCO json of --eval-images")
     parser.add_argument("--train-split", default="train", help="--dataset split to train on (default: train)")
     parser.add_argument("--eval-split", help="--dataset split to evaluate on (default: none)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
-    parser.add_argument("--image-size", type=int, default=800, help="shortest image edge (default: 800)")
-    parser.add_argument("--max-size", type=int, default=1333, help="longest image edge (default: 1333)")
     parser.add_argument("--d-model", type=int, default=256, help="new head: width (default: 256)")
     parser.add_argument("--layers", type=int, default=6, help="new head: encoder and decoder layers (default: 6)")
     parser.add_argument("--queries", type=int, default=300, help="new head: object queries (default: 300)")
-    parser.add_argument("--epochs", type=float, default=50, help="training epochs (default: 50)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per process and step (default: 4)")
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="head learning rate (default: 2e-4)")
-    parser.add_argument("--backbone-learning-rate", type=float, default=2e-5, help="backbone's (default: 2e-5)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
-    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
-    scale_utils.add_output_arguments(parser)
+    add_arguments(parser, learning_rate=2e-4, backbone_learning_rate=2e-5, weight_decay=1e-4)
     args = parser.parse_args(argv)
     if args.layers < 2:  # transformers 5.x fails to build Deformable DETR with one decoder layer
         parser.error("--layers must be at least 2")
     if args.train_images and not args.train_annotations:
         parser.error("--train-images needs --train-annotations")
-    if bool(args.eval_images) != bool(args.eval_annotations):
-        parser.error("--eval-images and --eval-annotations go together")
-    scale_utils.check_output_dir(parser, args)
+    check_arguments(parser, args)
     return args
 
 
@@ -297,17 +375,23 @@ def main(argv=None):
         scale_utils.leave_process_group()
 
 
-def run(args):
+def training_arguments(args, **fields):
+    """The TrainingArguments of both scripts, with ``fields`` (the scheduler, DDP's unused parameters) on top.
+    First: they set up torchrun's processes."""
     use_cpu = args.cpu or not torch.cuda.is_available()
-    training_args = TrainingArguments(  # first: it sets up torchrun's processes
+    return TrainingArguments(
         **scale_utils.checkpointing(args), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, lr_scheduler_type="cosine",
-        warmup_steps=0.05, bf16=not use_cpu, use_cpu=use_cpu, seed=args.seed, data_seed=args.seed,
-        dataloader_num_workers=args.num_workers, remove_unused_columns=False, eval_do_concat_batches=False,
-        eval_strategy="no", logging_steps=args.logging_steps, report_to="none",
-        ddp_find_unused_parameters=True,  # the backbone's stage-1 output norm, which the head does not read
-    )
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=0.05, bf16=not use_cpu,
+        use_cpu=use_cpu, seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers,
+        remove_unused_columns=False, eval_strategy="no", batch_eval_metrics=True, logging_steps=args.logging_steps,
+        report_to="none", **fields)
+
+
+def run(args):
+    training_args = training_arguments(
+        args, lr_scheduler_type="cosine",
+        ddp_find_unused_parameters=True)  # the backbone's stage-1 output norm, which the head does not read
     with scale_utils.output_lock(args):
         return train(args, training_args)
 
@@ -319,30 +403,43 @@ def train(args, training_args):
         model = build_model(args, labels)
         checkpoint = scale_utils.resume_point(args)
     processor = DeformableDetrImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size})
-    trainer = DetectionTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                               data_collator=Collator(processor), compute_metrics=box_map(processor),
-                               backbone_learning_rate=args.backbone_learning_rate,
-                               callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    trainer = DetectionTrainer(
+        model=model, args=training_args, train_dataset=Numbered(train_set),
+        eval_dataset=Numbered(eval_set) if eval_set is not None else None,
+        data_collator=NumberedCollator(Collator(processor)), kept_outputs=detection_outputs,
+        compute_metrics=AveragePrecision("bbox", compare_boxes(processor, eval_set)),
+        backbone_learning_rate=args.backbone_learning_rate,
+        callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
     metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
     trained = scale_utils.trained_model(trainer, type(model))  # every process takes part
-    if not trainer.is_world_process_zero():
-        return 0
+    if trainer.is_world_process_zero():
+        card = model_card(args, trainer, CARD_TEMPLATE, labels, metrics, len(eval_set or []),
+                          args.push_to_hub or Path(args.output_dir).name,
+                          data=args.dataset or Path(args.train_annotations).stem, pipeline_tag="object-detection",
+                          tags=["object-detection"])
+        write_output(args, trainer, trained, processor, metrics, card, "box mAP", "detector")
+    return 0
+
+
+def write_output(args, trainer, trained, processor, metrics, card, measure, kind):
+    """Process 0: the Hub-ready folder (the trained model with its code and handler, the processor, the results, the
+    model card), written whole or not at all, then uploaded with --push-to-hub; ``measure`` names the mAP in the
+    printed line, ``kind`` the model in the upload's commit message."""
     output_dir = Path(args.output_dir)
-    repo_id = args.push_to_hub or output_dir.name
     with scale_utils.staged_output(args) as folder:
         hub_folder.save_head_folder(trained, processor, folder)
         scale_utils.save_results(folder, trainer, metrics)
-        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(folder / "README.md")
-    summary = f" (eval box mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""
+        card.save(folder / "README.md")
+    summary = f" (eval {measure} {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" \
+        if "eval_map" in metrics else ""
     print(f"wrote {output_dir}{summary}")
     if args.push_to_hub:
         try:
-            publishing.push_to_hub(output_dir, args.push_to_hub, commit_message="Upload fine-tuned MambaVision detector")
+            publishing.push_to_hub(output_dir, args.push_to_hub, commit_message=f"Upload fine-tuned MambaVision {kind}")
         except ConversionError as error:
             fail(str(error))
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,29 +14,35 @@ exports them; crowd annotations are left out). The model is a new one on a Mamba
 instance-segmentation folder (``--model``, given a new class head when the classes differ). transformers'
 ``Mask2FormerImageProcessor`` resizes (shortest edge ``--image-size``), normalises, pads and turns each image's
 instance map into ``mask_labels``/``class_labels`` (where instances overlap, a pixel goes to the later one).
-Evaluation, after training on the main process, is COCO mask mAP (torchmetrics' MeanAveragePrecision on
-pycocotools) of ``post_process_instance_segmentation`` at each image's size. The output folder is Hub-ready
-(weights, config, model code, image processor, ``handler.py``, model card) and loads with
+Evaluation, after training and on every process, is COCO mask mAP (torchmetrics' MeanAveragePrecision on
+pycocotools) of ``post_process_instance_segmentation`` at each image's size, the batch's padding cut off first. The
+output folder is Hub-ready (weights, config, model code, image processor, ``handler.py``, model card) and loads with
 ``AutoModelForUniversalSegmentation.from_pretrained(folder, trust_remote_code=True)`` or
 ``pipeline("image-segmentation", model=folder, trust_remote_code=True)``.
+
+Long runs lose no finished work, as with finetune_detection.py (whose checkpoints, output folder, evaluation and
+arguments past the head this script shares): the training state is saved every --save-steps optimizer steps into
+``<output-dir>-checkpoints`` and the same command run again resumes from the newest complete checkpoint
+(--no-resume starts over), computing the uninterrupted run's losses; the output folder appears whole or not at
+all, after which the checkpoints go unless --keep-checkpoints.
 """
 
 import argparse
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+import torch.nn.functional as F
 from pycocotools import mask as coco_mask
-from torchmetrics.detection import MeanAveragePrecision
-from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProcessor, TrainingArguments, set_seed
+from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProcessor, set_seed
 
+import finetune_detection
 import scale_utils
-from finetune_detection import CocoFolder, DetectionTrainer
-from mambavision_tools import hub_folder, model_code, publishing
-from mambavision_tools.report import ConversionError, first_line
+from mambavision_tools import model_code
+from mambavision_tools.report import first_line
 from scale_utils import fail
 
 instance_segmentation = model_code.load("modeling_mambavision_instance_segmentation")
@@ -96,7 +102,7 @@ class InstanceExamples(torch.utils.data.Dataset):
     annotations left out."""
 
     def __init__(self, images, annotations):
-        self.coco, self.annotations = CocoFolder(images, annotations), annotations
+        self.coco, self.annotations = finetune_detection.CocoFolder(images, annotations), annotations
         unmasked = next((annotation for objects in self.coco.by_image.values() for annotation in objects
                          if not annotation.get("iscrowd") and not annotation.get("segmentation")), None)
         if unmasked is not None:
@@ -135,31 +141,45 @@ class Collator:
         return {key: batch[key] for key in ("pixel_values", "pixel_mask", "mask_labels", "class_labels")}
 
 
-@torch.no_grad()
-def mask_map(model, processor, examples, batch_size):
-    """COCO mask mAP, mAP@0.5 and mAP@0.75 of the model's instances (post-processed at each image's size, every
-    query kept) against the examples' masks, by torchmetrics on pycocotools."""
-    metric = MeanAveragePrecision(iou_type="segm", backend="pycocotools")
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        inputs = processor([image for image, _, _ in batch], return_tensors="pt").to(model.device)
-        outputs = model(pixel_values=inputs["pixel_values"].to(model.dtype), pixel_mask=inputs["pixel_mask"])
-        sizes = [image.size[::-1] for image, _, _ in batch]
-        found = processor.post_process_instance_segmentation(outputs, threshold=0.0, target_sizes=sizes,
-                                                             return_binary_maps=True)
-        predictions, truths = [], []
-        for (height, width), result, (_, masks, labels) in zip(sizes, found, batch):
+POST_PROCESSING_SIZE = (384, 384)  # post_process_instance_segmentation scales every image's mask logits from there
+
+
+def instance_outputs(outputs, inputs):
+    """What mask mAP needs of the model's outputs: the class logits, and each image's mask logits without the batch's
+    padding, at ``POST_PROCESSING_SIZE`` (post_process_instance_segmentation would scale the padded ones to the
+    image)."""
+    masks = outputs.masks_queries_logits  # (batch, queries, height / 4, width / 4) of the padded batch
+    pixel_mask = inputs["pixel_mask"]  # (batch, height, width): 1 on the image, 0 on padding
+    heights = (pixel_mask.any(-1).sum(-1) * masks.shape[-2] + pixel_mask.shape[-2] - 1) // pixel_mask.shape[-2]
+    widths = (pixel_mask.any(-2).sum(-1) * masks.shape[-1] + pixel_mask.shape[-1] - 1) // pixel_mask.shape[-1]
+    unpadded = [F.interpolate(image_masks[None, :, :height, :width], size=POST_PROCESSING_SIZE, mode="bilinear",
+                              align_corners=False)[0]
+                for image_masks, height, width in zip(masks, heights.tolist(), widths.tolist())]
+    return outputs.class_queries_logits, torch.stack(unpadded)
+
+
+def compare_masks(processor, examples):
+    """``AveragePrecision``'s ``compare`` for masks: the post-processed instances at each image's size (every query
+    kept) and the image's masks."""
+
+    def compare(predictions, indices):
+        classes, masks = (tensor.float().cpu() for tensor in predictions)
+        found = [examples[index] for index in indices]
+        sizes = [image.size[::-1] for image, _, _ in found]  # (height, width)
+        results = processor.post_process_instance_segmentation(
+            SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks), threshold=0.0,
+            target_sizes=sizes, return_binary_maps=True)
+        instances, truths = [], []
+        for (height, width), result, (_, true_masks, labels) in zip(sizes, results, found):
             segments = result["segments_info"]
-            predicted = result["segmentation"]
-            predictions.append({
-                "masks": predicted.bool().cpu() if segments else torch.zeros(0, height, width, dtype=torch.bool),
+            instances.append({
+                "masks": result["segmentation"].bool() if segments else torch.zeros(0, height, width, dtype=torch.bool),
                 "scores": torch.tensor([segment["score"] for segment in segments], dtype=torch.float32),
                 "labels": torch.tensor([segment["label_id"] for segment in segments], dtype=torch.long)})
-            truths.append({"masks": torch.from_numpy(masks), "labels": torch.tensor(labels, dtype=torch.long)})
-        metric.update(predictions, truths)
-    result = metric.compute()
-    return {f"eval_{name}": float(result[name]) for name in ("map", "map_50", "map_75")}
+            truths.append({"masks": torch.from_numpy(true_masks), "labels": torch.tensor(labels, dtype=torch.long)})
+        return instances, truths
+
+    return compare
 
 
 def build_model(args, labels):
@@ -179,29 +199,6 @@ def build_model(args, labels):
         fail(f"cannot load {args.model or args.backbone}: {first_line(error)}")
 
 
-def model_card(args, trainer, labels, metrics, eval_images, repo_id):
-    base = args.backbone or args.model
-    try:
-        base_card = ModelCard.load(Path(base) / "README.md" if Path(base).is_dir() else base).data
-    except (OSError, ValueError):
-        base_card = ModelCardData()
-    license_text = (f"The base model's license applies: {base_card.get('license_name') or base_card.license}"
-                    f" ({base_card.get('license_link')})." if base_card.license else
-                    f"Check the license of the base model ({base}) before use.")
-    card_data = ModelCardData(license=base_card.license, license_name=base_card.get("license_name"),
-                              license_link=base_card.get("license_link"), library_name="transformers",
-                              pipeline_tag="image-segmentation",
-                              tags=["vision", "image-segmentation", "instance-segmentation", "mambavision", "mask2former"])
-    targs = trainer.args
-    return ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, name=Path(repo_id).name, base=base,
-        data=Path(args.train_annotations).stem, labels=labels, map=metrics.get("eval_map"),
-        map50=metrics.get("eval_map_50"), eval_images=eval_images, repo_id=repo_id, steps=trainer.state.global_step,
-        learning_rate=targs.learning_rate, backbone_learning_rate=args.backbone_learning_rate,
-        image_size=args.image_size, seed=args.seed, license=license_text,
-        global_batch=targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps)
-
-
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -209,12 +206,6 @@ def parse_arguments(argv):
     source.add_argument("--model", help="a MambaVision instance-segmentation folder or Hub id to fine-tune further")
     parser.add_argument("--train-images", required=True, help="folder of training images")
     parser.add_argument("--train-annotations", required=True, help="COCO json of --train-images, with segmentations")
-    parser.add_argument("--eval-images", help="folder of evaluation images (with --eval-annotations)")
-    parser.add_argument("--eval-annotations", help="COCO json of --eval-images")
-    parser.add_argument("--output-dir", required=True, help="the Hub-ready folder to write")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
-    parser.add_argument("--image-size", type=int, default=800, help="shortest image edge (default: 800)")
-    parser.add_argument("--max-size", type=int, default=1333, help="longest image edge (default: 1333)")
     parser.add_argument("--hidden-dim", type=int, default=256, help="new head: width, a multiple of 32 (default: 256)")
     parser.add_argument("--encoder-layers", type=int, default=6, help="new head: pixel decoder layers (default: 6)")
     parser.add_argument("--decoder-layers", type=int, default=10, help="new head: transformer decoder layers "
@@ -222,24 +213,11 @@ def parse_arguments(argv):
     parser.add_argument("--queries", type=int, default=100, help="new head: instance queries (default: 100)")
     parser.add_argument("--train-points", type=int, default=12544, help="points sampled per mask in the loss "
                                                                         "(default: 12544)")
-    parser.add_argument("--epochs", type=float, default=50, help="training epochs (default: 50)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per process and step (default: 4)")
-    parser.add_argument("--learning-rate", type=float, default=1e-4, help="head learning rate (default: 1e-4)")
-    parser.add_argument("--backbone-learning-rate", type=float, default=1e-5, help="backbone's (default: 1e-5)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
-    parser.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default: 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new head and the data order (default: 0)")
+    finetune_detection.add_arguments(parser, learning_rate=1e-4, backbone_learning_rate=1e-5, weight_decay=0.05)
     args = parser.parse_args(argv)
     if args.hidden_dim % 32:  # the pixel decoder's GroupNorm has 32 groups
         parser.error(f"--hidden-dim must be a multiple of 32, got {args.hidden_dim}")
-    if bool(args.eval_images) != bool(args.eval_annotations):
-        parser.error("--eval-images and --eval-annotations go together")
-    output = Path(args.output_dir)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        parser.error(f"the output folder {output} exists and is not empty")
+    finetune_detection.check_arguments(parser, args)
     return args
 
 
@@ -252,46 +230,48 @@ def main(argv=None):
 
 
 def run(args):
-    use_cpu = args.cpu or not torch.cuda.is_available()
+    training_args = finetune_detection.training_arguments(args, lr_scheduler_type="polynomial",
+                                                          ddp_find_unused_parameters=False)
+    with scale_utils.output_lock(args):
+        return train(args, training_args)
+
+
+def load_data(args):
+    """(train set, eval set or None, class names)."""
     train_set = InstanceExamples(args.train_images, args.train_annotations)
     eval_set = InstanceExamples(args.eval_images, args.eval_annotations) if args.eval_images else None
     labels = train_set.coco.labels
     if eval_set is not None and eval_set.coco.labels != labels:
         fail(f"the categories of {args.eval_annotations} differ from those of {args.train_annotations}")
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        lr_scheduler_type="polynomial", warmup_steps=0.05, bf16=not use_cpu, use_cpu=use_cpu, seed=args.seed,
-        data_seed=args.seed, dataloader_num_workers=args.num_workers, remove_unused_columns=False,
-        eval_strategy="no", save_strategy="no", logging_steps=args.logging_steps, report_to="none",
-        ddp_find_unused_parameters=False,
-    )
+    return train_set, eval_set, labels
+
+
+def train(args, training_args):
     with scale_utils.main_process_first():
+        train_set, eval_set, labels = load_data(args)
         set_seed(args.seed)  # the new head's initialisation
         model = build_model(args, labels)
+        checkpoint = scale_utils.resume_point(args)
     processor = Mask2FormerImageProcessor(size={"shortest_edge": args.image_size, "longest_edge": args.max_size},
                                           ignore_index=NO_INSTANCE)
-    trainer = DetectionTrainer(model=model, args=training_args, train_dataset=train_set,
-                               data_collator=Collator(processor), backbone_learning_rate=args.backbone_learning_rate)
-    metrics = dict(trainer.train().metrics)
+    trainer = finetune_detection.DetectionTrainer(
+        model=model, args=training_args, train_dataset=finetune_detection.Numbered(train_set),
+        eval_dataset=finetune_detection.Numbered(eval_set) if eval_set is not None else None,
+        data_collator=finetune_detection.NumberedCollator(Collator(processor)), kept_outputs=instance_outputs,
+        compute_metrics=finetune_detection.AveragePrecision("segm", compare_masks(processor, eval_set)),
+        backbone_learning_rate=args.backbone_learning_rate,
+        callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    metrics = scale_utils.train(trainer, checkpoint)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    trained = scale_utils.trained_model(trainer, type(model))  # every process takes part
     if trainer.is_world_process_zero():
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        if eval_set is not None:
-            metrics.update(mask_map(trained, processor, eval_set, args.batch_size))
-        output_dir = Path(args.output_dir)
-        hub_folder.save_head_folder(trained, processor, output_dir)
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()  # trainer_state.json: the logged losses
-        repo_id = args.push_to_hub or output_dir.name
-        model_card(args, trainer, labels, metrics, len(eval_set or []), repo_id).save(output_dir / "README.md")
-        summary = f" (eval mask mAP {metrics['eval_map']:.3f}, mAP@0.5 {metrics['eval_map_50']:.3f})" if eval_set else ""
-        print(f"wrote {output_dir}{summary}")
-        if args.push_to_hub:
-            try:
-                publishing.push_to_hub(output_dir, args.push_to_hub,
-                                       commit_message="Upload fine-tuned MambaVision instance-segmentation model")
-            except ConversionError as error:
-                fail(str(error))
+        card = finetune_detection.model_card(
+            args, trainer, CARD_TEMPLATE, labels, metrics, len(eval_set or []),
+            args.push_to_hub or Path(args.output_dir).name, data=Path(args.train_annotations).stem,
+            pipeline_tag="image-segmentation", tags=["image-segmentation", "instance-segmentation", "mask2former"])
+        finetune_detection.write_output(args, trainer, trained, processor, metrics, card, "mask mAP",
+                                        "instance-segmentation model")
     return 0
 
 

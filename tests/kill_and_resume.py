@@ -1,7 +1,7 @@
-"""The fine-tuning scripts' kill-and-resume harness (examples/finetune.py, finetune_segmentation.py and
-finetune_detection.py): a script run in a process of its own that stalls where a test wants a SIGKILL to land
-(while Trainer writes a checkpoint, or while the output folder is written) and is killed there, then the same
-command run again."""
+"""The fine-tuning scripts' kill-and-resume harness (examples/finetune.py, finetune_segmentation.py,
+finetune_detection.py and finetune_instance_segmentation.py): a script run in a process of its own that stalls where
+a test wants a SIGKILL to land (while Trainer writes a checkpoint, or while the output folder is written) and is
+killed there, then the same command run again."""
 
 import importlib
 import json

@@ -17,6 +17,7 @@ import instance_segmentation_worker
 import shapes
 from conftest import (TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling, needs_shared,
                       randomize_batchnorm)
+from kill_and_resume import assert_same_training, kill_twice_then_finish
 from mambavision_tools.configs import config_from_architecture
 from mambavision_tools.hub_folder import save_head_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
@@ -210,17 +211,21 @@ def test_fresh_process_reload_and_pipeline(row, saved, rows):
 # --- fine-tuning: examples/finetune_instance_segmentation.py ----------------------------------------------------
 
 # The learning run (generated squares and discs with their outlines, 64x64, a random tiny backbone under a small
-# head, 150 steps): measured held-out mask mAP@0.5 0.37 (mAP 0.18) and a training loss from 27.4 to 14.3; the
-# untrained model scores 0.004.
-MIN_HELD_OUT_MASK_MAP50 = 0.2
+# head, 100 steps): measured held-out mask mAP@0.5 0.235 (mAP 0.098) and a logged training loss from 18.6 to 12.6
+# (0.68 of it); with --seed 1 and 2, 0.286 and 0.333 (loss 0.62 and 0.57 of the first); the untrained model scores
+# 0.000. It trains in 5-7 s on one thread (150 steps with 3 decoder layers: 9-11 s for mAP@0.5 0.35-0.45).
+MIN_HELD_OUT_MASK_MAP50 = 0.15
+MAX_LOSS_RATIO = 0.8  # the last logged training loss over the first
+RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--hidden-dim", "32", "--encoder-layers", "1",
-                "--decoder-layers", "3", "--queries", "8", "--train-points", "256", "--max-steps", "150",
-                "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate", "1e-3", "--num-workers", "0",
-                "--logging-steps", "20", "--cpu"]
+                "--decoder-layers", "2", "--queries", "8", "--train-points", "256", "--max-steps", "100",
+                "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate", "1e-3",
+                "--num-workers", "0", "--logging-steps", "20", "--cpu"]
 
 
 def test_finetune_instance_segmentation_learns_generated_shapes(backbone_folder, tmp_path):
-    """Held-out mask mAP@0.5 above MIN_HELD_OUT_MASK_MAP50 after 150 steps; the folder serves in the pipeline."""
+    """Held-out mask mAP@0.5 above MIN_HELD_OUT_MASK_MAP50 after 100 steps, the training loss down to MAX_LOSS_RATIO
+    of its first logged value; the folder serves in the pipeline."""
     train = shapes.write_coco_folder(tmp_path / "train", 160, size=64, seed=0)
     held_out = shapes.write_coco_folder(tmp_path / "held_out", 40, size=64, seed=1)
     output = tmp_path / "instances"
@@ -233,7 +238,7 @@ def test_finetune_instance_segmentation_learns_generated_shapes(backbone_folder,
     assert metrics["eval_map_50"] > MIN_HELD_OUT_MASK_MAP50, metrics
     losses = [entry["loss"] for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
               if "loss" in entry]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < MAX_LOSS_RATIO * losses[0], losses
     assert (output / "handler.py").is_file() and "image-segmentation" in (output / "README.md").read_text()
     segmenter = pipeline("image-segmentation", model=str(output), trust_remote_code=True)
     image = Image.open(held_out / "images" / "00000.png")
@@ -251,3 +256,31 @@ def test_finetune_refuses_annotations_without_masks(backbone_folder, tmp_path):
                                              str(folder / "images"), "--train-annotations",
                                              str(folder / "annotations.json"), "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_instance_segmentation_killed_resumes_with_the_same_command(backbone_folder, tmp_path, capsys):
+    """Killed while writing its second checkpoint, then while writing the output folder: each rerun of the same
+    command resumes from the newest complete checkpoint and takes only the steps after it, across an epoch's end;
+    the output folder never appears half-written; the end is the uninterrupted run's, step by step (the loss's
+    sampled points draw from the RNG state the checkpoint restores); the last run, which trains no more, evaluates
+    the model it resumed."""
+    data = shapes.write_coco_folder(tmp_path / "coco", 6, size=64, seed=3)
+
+    def arguments(output):  # 4 steps of 2 images, 3 steps an epoch, a checkpoint every 2
+        return [str(arg) for arg in ["--backbone", backbone_folder, "--train-images", data / "images",
+                                     "--train-annotations", data / "annotations.json", "--eval-images", data / "images",
+                                     "--eval-annotations", data / "annotations.json", "--output-dir", output,
+                                     "--image-size", 64, "--max-size", 64, "--hidden-dim", 32, "--encoder-layers", 1,
+                                     "--decoder-layers", 2, "--queries", 8, "--train-points", 256, "--max-steps", 4,
+                                     "--save-steps", 2, "--batch-size", 2, "--learning-rate", 1e-3, "--cpu",
+                                     "--num-workers", 0, "--logging-steps", 1]]
+
+    uninterrupted = tmp_path / "uninterrupted" / "shapes-instances"
+    finetune_instance_segmentation.main(arguments(uninterrupted))
+    output = tmp_path / "resumed" / "shapes-instances"
+    output.parent.mkdir()
+    kill_twice_then_finish("finetune_instance_segmentation", arguments(output), output, steps_per_epoch=3,
+                           capsys=capsys)
+    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    results = json.loads((output / "all_results.json").read_text())  # evaluated after the run that trained no more
+    assert {"eval_loss", "eval_map", "eval_map_50"} <= results.keys(), results
