@@ -13,6 +13,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from PIL import Image
+from torchmetrics.detection import MeanAveragePrecision
 from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -22,7 +24,7 @@ import shapes
 from conftest import (FIXTURES, TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling,
                       needs_shared)
 from convert_checkpoint import main as convert_main
-from kill_and_resume import assert_same_training, kill_twice_then_finish
+from kill_and_resume import assert_same_training, kill_twice_then_finish, run_script
 from mambavision_tools import variants
 from mambavision_tools.configs import build_config, config_from_architecture
 from mambavision_tools.hub_folder import save_head_folder, save_model_folder
@@ -347,3 +349,35 @@ def test_finetune_detection_killed_resumes_with_the_same_command(backbone_folder
     assert_same_training(output, uninterrupted, RESUME_RTOL)
     assert AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True).config.id2label == \
         dict(enumerate(shapes.CATEGORIES))
+
+
+def test_finetune_detection_evaluates_on_two_processes(backbone_folder, tmp_path):
+    """2 processes (torchrun, gloo) evaluate 7 held-out images, 2 a batch each (accelerate repeats an image to fill
+    the last batch): the box mAP of the saved detector's detections, image by image in this process, at each image's
+    size (Trainer gathered each process's per-image labels into an abort before)."""
+    data = shapes.write_coco_folder(tmp_path / "coco", 4, size=96, seed=3)
+    held_out = shapes.write_coco_folder(tmp_path / "held_out", 7, size=96, seed=4)
+    output = tmp_path / "detector"
+    run_script("finetune_detection", [str(arg) for arg in [
+        "--backbone", backbone_folder, "--train-images", data / "images", "--train-annotations",
+        data / "annotations.json", "--eval-images", held_out / "images", "--eval-annotations",
+        held_out / "annotations.json", "--output-dir", output, "--image-size", 96, "--max-size", 96, "--d-model", 32,
+        "--layers", 2, "--queries", 8, "--max-steps", 2, "--batch-size", 2, "--cpu", "--num-workers", 0]],
+        2, tmp_path / "run")
+    model = AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True).eval()
+    processor = DeformableDetrImageProcessor.from_pretrained(output)
+    coco = json.loads((held_out / "annotations.json").read_text())
+    metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    for record in coco["images"]:
+        image = Image.open(held_out / "images" / record["file_name"]).convert("RGB")
+        with torch.no_grad():
+            outputs = model(**processor(image, return_tensors="pt"))
+        found = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[image.size[::-1]])
+        objects = [a for a in coco["annotations"] if a["image_id"] == record["id"]]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)], dtype=torch.float32)
+        metric.update(found, [{"boxes": boxes, "labels": torch.tensor([a["category_id"] - 1 for a in objects])}])
+    expected = {f"eval_{name}": float(value) for name, value in metric.compute().items()
+                if name in ("map", "map_50", "map_75")}
+    metrics = json.loads((output / "all_results.json").read_text())
+    assert expected["eval_map"] > 0
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected, rel=1e-6)
