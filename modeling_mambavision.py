@@ -5,6 +5,7 @@ the attribute ``model``, so the published checkpoints load as they are. Runs any
 selective scan picks a fast kernel when one works (see ``selective_scan.py``).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -146,6 +147,13 @@ def export_window_reverse(windows, window, batch, height, width):
     # (B, H, W, C) -> (B, C, H, W), contiguous as in eager: a channels-last map would have the next convolution's
     # backend choice guard the batch size
     return x.view(batch, height, width, c).permute(0, 3, 1, 2).contiguous()
+
+
+def crop_window(tokens, window, height, width):
+    """(..., window * window, D) tokens of one window -> (..., height * width, D): its top-left height x width
+    tokens, which are the map's when the map fits in one window (the rest is padding)."""
+    tokens = tokens.unflatten(-2, (window, window))[..., :height, :width, :]  # (..., ws, ws, D) -> crop
+    return tokens.flatten(-3, -2)
 
 
 class MambaVisionStem(nn.Module):
@@ -324,7 +332,9 @@ class MambaVisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states, output_attentions=False):
+    def forward(self, hidden_states, output_attentions=False, keep=None):
+        """``keep`` (optional) selects the tokens whose outputs are wanted, from (..., tokens, D): only their
+        queries are computed; keys and values come from every token."""
         b, n, c = hidden_states.shape
         head_dim = c // self.num_heads
         implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
@@ -333,8 +343,10 @@ class MambaVisionAttention(nn.Module):
         if pad:
             qkv = F.pad(qkv, (0, pad))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim + pad)
+        if keep is not None:
+            q = keep(q)  # (B, heads, M, head_dim + pad)
         x, weights = ATTENTION_FUNCTIONS[implementation](q, k, v, 1 / math.sqrt(head_dim))
-        return self.proj(x[..., :head_dim].transpose(1, 2).reshape(b, n, c)), weights
+        return self.proj(x[..., :head_dim].transpose(1, 2).reshape(b, q.shape[2], c)), weights
 
 
 class MambaVisionMLP(nn.Module):
@@ -352,6 +364,8 @@ class MambaVisionBlock(nn.Module):
     """Pre-norm residual block of levels 2-3 with a mixer or attention, then an MLP; optional layer scale.
 
     Returns the tokens and the attention weights (None for a mixer block, or without ``output_attentions``).
+    With ``keep`` (a function of (..., tokens, D)), only the kept tokens come out: every token still feeds the
+    mixer (keys and values, the scan), and the rest of the block is per token.
     """
 
     def __init__(self, config, dim, num_heads, use_attention, drop_path):
@@ -365,12 +379,15 @@ class MambaVisionBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(scale))) if scale is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, output_attentions=False):
+    def forward(self, x, output_attentions=False, keep=None):
         weights = None
         if isinstance(self.mixer, MambaVisionAttention):
-            mixed, weights = self.mixer(self.norm1(x), output_attentions)
+            mixed, weights = self.mixer(self.norm1(x), output_attentions, keep)
         else:
             mixed = self.mixer(self.norm1(x))
+            mixed = keep(mixed) if keep is not None else mixed
+        if keep is not None:
+            x = keep(x)
         if self.gamma_1 is not None:
             mixed = self.gamma_1 * mixed
         x = x + self.drop_path(mixed)
@@ -418,15 +435,32 @@ class MambaVisionStage(GradientCheckpointingLayer):
             )
         self.downsample = MambaVisionDownsample(dim) if level < 3 else None
 
+    def padding_crop(self, height, width, output_attentions):
+        """The last block's token selection when the map fits in one window with padding (NVIDIA's dense windows:
+        64 for a 32x32 map at 512, 112 for 50x84 at 800x1344), else None.
+
+        Padded tokens take part in every block as in the original, but nothing reads their outputs of the level's
+        last block, so it computes only the map's tokens (queries, residual, MLP): the same values at a fraction
+        of its work (1/4 of the queries at 512, 1/3 at 800x1344). Not under export (the test would fix the map's
+        size), nor with attention weights requested (their documented shape is the whole window's).
+        """
+        if output_attentions or is_exporting() or max(height, width) > self.window or height == width == self.window:
+            return None
+        return functools.partial(crop_window, window=self.window, height=height, width=width)
+
     def forward(self, x, output_attentions=False):
         pad, attentions = 0, ()
         if self.windowed:
-            batch, _, height, width = x.shape
+            batch, channels, height, width = x.shape
+            keep = self.padding_crop(height, width, output_attentions)
             x = window_partition(x, self.window)
-            for block in self.blocks:
-                x, weights = block(x, output_attentions)
+            for index, block in enumerate(self.blocks):
+                x, weights = block(x, output_attentions, keep if index == len(self.blocks) - 1 else None)
                 attentions += (weights,) if weights is not None else ()
-            x = stage_map = window_reverse(x, self.window, batch, height, width)
+            if keep is None:
+                x = stage_map = window_reverse(x, self.window, batch, height, width)
+            else:  # (B, H * W, C) -> (B, C, H, W), contiguous as window_reverse's
+                x = stage_map = x.transpose(1, 2).reshape(batch, channels, height, width)
         else:
             channels = x.shape[1]
             pad = conv_channel_padding(self, x)
