@@ -25,6 +25,7 @@ run pair by pair, the ratio ``vs`` the median of the pairs' ratios (T at batch 1
 import argparse
 import contextlib
 import json
+import linecache
 import os
 import statistics
 import sys
@@ -145,12 +146,19 @@ SEGMENTATION_CASES = [
     DenseCase("B", "upernet", 512, 512, 16),
     DenseCase("L3-512", "backbone", 640, 640, 8, (87, 112), (4.63, 3.36)),
     DenseCase("L3-512", "upernet", 640, 640, 8),
+    # what ARCHITECTURE.md timed of the original: its classification model with the segmentation windows, which
+    # keeps no stage maps (a backbone returns four, normalised in float32 under autocast)
+    DenseCase("T", "classifier", 512, 512, 16, (735, 787), (0.70, 0.48)),
+    DenseCase("B", "classifier", 512, 512, 16, (398, 579), (1.40, 0.96)),
 ]
 
 
 def build_segmentation(case):
-    """NVIDIA's ADE20K architecture of ``case``: the backbone alone or with its UPerNet heads."""
+    """NVIDIA's ADE20K architecture of ``case``: the backbone alone, with its UPerNet heads, or as a classifier."""
     spec = SEGMENTATION_VARIANTS[SEGMENTATION_VARIANT_NAMES[case.variant]]
+    if case.part == "classifier":
+        config = configuration.MambaVisionConfig(**{**spec.architecture, "out_norm": False})
+        return modeling.MambaVisionModelForImageClassification(config).eval()
     config = configuration.MambaVisionConfig(**spec.architecture, image_size=spec.image_size,
                                              out_indices=[1, 2, 3, 4])
     if case.part == "backbone":
@@ -415,18 +423,57 @@ def dense_case(args, case, build_model, compile_mode):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             forward(pixels)
 
+    if args.memory_trace:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        allocated_at_start = torch.cuda.memory_allocated()
     started = time.perf_counter()
     step()  # compile outside the timed region
     torch.cuda.synchronize()
     first_s = time.perf_counter() - started
+    if args.memory_trace:
+        first_step_events = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     torch.cuda.reset_peak_memory_stats()
     ms = time_cuda(step, args.warmup, args.iters)
+    if args.memory_trace:
+        print_memory_peak(allocated_at_start, first_step_events, f"{case.name} b{case.batch} {compile_mode}")
+        torch.cuda.memory._record_memory_history(enabled=None)
     if args.profile:
         print_profile(step, f"{case.name} b{case.batch} {case.height}x{case.width} {compile_mode}")
     return {"variant": case.name, "mode": "infer", "batch": case.batch, "size": f"{case.height}x{case.width}",
             "dtype": "bf16", "scan": "triton",
             "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else ""), "ms": ms,
             "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_s": first_s}
+
+
+def print_memory_peak(allocated_at_start, skip_events, title, rows=20):
+    """What is allocated at the peak after the first ``skip_events`` events of the recorded allocator trace (the
+    compiling step): the blocks allocated while recording, grouped by the line that allocated them (inductor's
+    generated code shows its buffer), and what was allocated before recording started."""
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    live, current, peak, peak_live = {}, allocated_at_start, -1, {}
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+        elif event["action"] == "free_requested":
+            live.pop(event["addr"], None)
+            current -= event["size"]
+        if index >= skip_events and current > peak:
+            peak, peak_live = current, dict(live)
+    by_line = {}
+    for event in peak_live.values():
+        frame = next((f for f in event["frames"] if "torchinductor" in f["filename"] or "/torch/" not in f["filename"]),
+                     event["frames"][0] if event["frames"] else {"filename": "?", "line": 0, "name": "?"})
+        text = linecache.getline(frame["filename"], frame["line"]).strip()[:110]
+        key = f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}: {text}"
+        count, size = by_line.get(key, (0, 0))
+        by_line[key] = (count + 1, size + event["size"])
+    recorded = sum(size for _, size in by_line.values())
+    print(f"\n### Memory at the peak after the first step, {title}: {peak / 2**30:.3f} GiB "
+          f"({recorded / 2**30:.3f} allocated while recording, {(peak - recorded) / 2**30:.3f} before)\n")
+    print("| MiB | blocks | allocated by |\n|---|---|---|")
+    for key, (count, size) in sorted(by_line.items(), key=lambda item: -item[1][1])[:rows]:
+        print(f"| {size / 2**20:,.1f} | {count} | `{key}` |")
 
 
 def run_dense(args, cases, build_model):
@@ -614,9 +661,11 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case")
     parser.add_argument("--detection", action="store_true",
                         help="GPU: NVIDIA's COCO backbones (T, B) at 800x1344 b8 and the detector at 640x640 b16")
-    parser.add_argument("--parts", nargs="+", choices=("backbone", "upernet", "detector"),
+    parser.add_argument("--parts", nargs="+", choices=("backbone", "upernet", "detector", "classifier"),
                         help="with --segmentation or --detection: only these parts (default all)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="--segmentation/--detection: print what is allocated at each case's peak (allocator trace)")
     args = parser.parse_args(argv)
     args.variants_given, args.variants = args.variants is not None, args.variants or ["T"]
     args.modes_given, args.modes = args.modes is not None, args.modes or ["infer"]
