@@ -16,12 +16,17 @@ try:  # torch >= 2.3
 except ImportError:
     from torch._dynamo import is_compiling
 
-try:  # torch >= 2.4
-    from torch.compiler import is_exporting
-except ImportError:  # earlier exports take the eager window partition (and specialise a one-window level)
 
-    def is_exporting():
-        return False
+
+def is_exporting():
+    """True while torch.export traces the model, False under torch.compile and in eager.
+
+    Reads the flag torch.export sets (torch >= 2.4) rather than calling ``torch.compiler.is_exporting()``: until
+    torch 2.12 TorchDynamo answered that call with True under every trace, torch.compile's included, which sent
+    compiled models down the export-only code paths. Earlier torch: False (its exports take the eager window
+    partition, and specialise a one-window level).
+    """
+    return getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 try:  # transformers >= 5.1: the mixins moved, and the backbone mixin sets itself up in __init__

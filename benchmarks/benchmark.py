@@ -424,7 +424,7 @@ def dense_case(args, case, build_model, compile_mode):
             forward(pixels)
 
     if args.memory_trace:
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         allocated_at_start = torch.cuda.memory_allocated()
     started = time.perf_counter()
     step()  # compile outside the timed region

@@ -126,3 +126,18 @@ def test_second_resolution_compiles_one_static_graph(model):
         sizes = [size for node in graph.graph.nodes if node.op == "placeholder"
                  for size in getattr(node.meta.get("example_value"), "shape", ())]
         assert sizes and all(type(size) is int for size in sizes), sizes
+
+
+def test_export_only_code_runs_under_export_and_never_under_compile(t_windowed, monkeypatch):
+    """The window gather is for torch.export alone: torch.compile keeps the eager partition (and the single-window
+    crop of a level's last block). Until torch 2.12 TorchDynamo answered ``torch.compiler.is_exporting()`` with True
+    under every trace, so asking it sent compiled models down the export path."""
+    calls = []
+    gather = modeling.export_window_partition
+    monkeypatch.setattr(modeling, "export_window_partition", lambda *args: calls.append(1) or gather(*args))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(t_windowed, backend="eager", fullgraph=True)(pixels(COMPILED))
+    assert calls == []
+    torch.export.export(t_windowed, (pixels(EXPORTED),))
+    assert calls
