@@ -134,16 +134,37 @@ def test_triton_inference_configs_match_reference_on_gpu(shape, dtype):
 @needs_cuda
 @triton_missing
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("length, splits", [(4096, None), (4000, 7)], ids=str)
+@pytest.mark.parametrize("length, splits", [(4096, None), (4001, 7)], ids=str)
 def test_triton_split_inference_matches_reference_on_gpu(length, splits, dtype):
-    """The sequence-split forward at a dense-prediction shape: the op's own split count, and a forced one with a
-    short last split."""
-    kernels = model_code.load("selective_scan_triton")
-    config = kernels.infer_config(2, 64, length)
+    """The sequence-split forward at a dense-prediction shape: through the op (its own split count), and launched
+    at 7 splits with a short last one (the length no multiple of the chunk)."""
+    config = model_code.load("selective_scan_triton").infer_config(2, 64, length)
     assert config[3] > 1  # the op splits this shape
-    config = config if splits is None else (*config[:3], splits)
+    forced = None if splits is None else (*config[:3], splits)
     assert inference_error(2, 64, length, dtype=dtype, device="cuda", seed=length,
-                           config=config) < TOLERANCES[dtype]["out"]
+                           config=forced) < TOLERANCES[dtype]["out"]
+
+
+@needs_cuda
+@triton_missing
+def test_split_inference_under_cuda_graphs():
+    """The split path (two launches, scratch buffers allocated inside the op) compiles whole and replays in a CUDA
+    graph, giving the eager result."""
+    scan = model_code.load("selective_scan")
+    kernel = scan._FAST_BACKENDS["triton"]()
+    inputs = {k: v.detach() for k, v in scan_problem(2, 64, 4096, torch.bfloat16, "cuda", 0).items()}
+    order = ("u", "delta", "A", "B", "C", "D")
+
+    def run(u, delta, A, B, C, D, delta_bias):
+        return kernel(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
+
+    compiled = torch.compile(run, mode="reduce-overhead", fullgraph=True)
+    args = [inputs[k] for k in (*order, "delta_bias")]
+    with torch.no_grad():
+        eager = run(*args)
+        for _ in range(3):  # warm-up, record, replay
+            fast = compiled(*args).clone()
+    assert relative_error(fast, eager) < 1e-6
 
 
 def _mamba_ssm_works():
