@@ -30,9 +30,9 @@ LONG_SEQUENCE, LONG_INFER_CONFIG, MIN_PROGRAMS = 1024, (4, 32, 1), 1024
 # each sequence into splits scanned in parallel (a first pass for each split's end state and decay product, a
 # second that rescans each split from the state carried in) multiplies the programs, up to TARGET_PROGRAMS (about
 # enough warps to fill an H200's 132 multiprocessors), keeping splits of at least MIN_SPLIT_LENGTH tokens: the
-# first pass reads the inputs a second time, and each split is walked twice. Not yet tuned on the GPU
-# (benchmarks/scan_configs.py --splits).
-TARGET_PROGRAMS, MIN_SPLIT_LENGTH = 8192, 256
+# first pass reads the inputs a second time. Each split is walked twice, so fewer than MIN_SPLITS cannot shorten a
+# program's walk. Not yet tuned on the GPU (benchmarks/scan_configs.py --splits).
+TARGET_PROGRAMS, MIN_SPLIT_LENGTH, MIN_SPLITS = 8192, 256, 3
 TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
 
 
@@ -40,12 +40,20 @@ def infer_config(batch, dim, length):
     """The inference launch config (channels per program, chunk length, warps, splits) for ``batch`` sequences of
     ``dim`` channels and ``length`` tokens."""
     if length < LONG_SEQUENCE:
-        return (*INFER_CONFIG, 1)
-    block, chunk, warps = LONG_INFER_CONFIG
-    if batch * dim // block < MIN_PROGRAMS:
-        block //= 2
+        block, chunk, warps = INFER_CONFIG
+    else:
+        block, chunk, warps = LONG_INFER_CONFIG
+        if batch * dim // block < MIN_PROGRAMS:
+            block //= 2
+    return block, chunk, warps, split_count(batch, dim, length, block)
+
+
+def split_count(batch, dim, length, block):
+    """How many splits each sequence is scanned in, at ``block`` channels a program (the rule above)."""
+    if length < LONG_SEQUENCE:
+        return 1
     splits = min(triton.cdiv(TARGET_PROGRAMS, batch * triton.cdiv(dim, block)), length // MIN_SPLIT_LENGTH)
-    return block, chunk, warps, max(splits, 1)
+    return splits if splits >= MIN_SPLITS else 1
 
 
 @triton.jit
