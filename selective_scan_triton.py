@@ -3,6 +3,8 @@
 Specialised for what MambaVision needs (no z gate, delta bias + softplus, small d_state, window-length
 sequences). Each program owns one sequence and a block of channels; it walks the sequence in chunks,
 and inside a chunk the linear recurrence h_t = a_t * h_{t-1} + b_t runs as a parallel associative scan.
+Long sequences at inference are cut into splits scanned in parallel: a first pass finds each split's end state
+from zero and its decay product, and the forward kernel enters each split with the state they compose to.
 The state stays in float32 whatever the input dtype. Training saves only the state at each chunk start;
 the backward pass recomputes the chunk and runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}
 as a reverse scan, using a_t h_{t-1} = h_t - b_t so no state needs storing per step.
