@@ -3,6 +3,8 @@
 Specialised for what MambaVision needs (no z gate, delta bias + softplus, small d_state, window-length
 sequences). Each program owns one sequence and a block of channels; it walks the sequence in chunks,
 and inside a chunk the linear recurrence h_t = a_t * h_{t-1} + b_t runs as a parallel associative scan.
+Long sequences at inference are cut into splits scanned in parallel: a first pass finds each split's end state
+from zero and its decay product, and the forward kernel enters each split with the state they compose to.
 The state stays in float32 whatever the input dtype. Training saves only the state at each chunk start;
 the backward pass recomputes the chunk and runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}
 as a reverse scan, using a_t h_{t-1} = h_t - b_t so no state needs storing per step.
@@ -26,15 +28,34 @@ INFER_CONFIG = (8, 16, 1)
 # program keep the multiprocessors busy (benchmarks/NOTES.md, 2026-12-04: T's level 2 at 512, 4,096 tokens,
 # 318 us at (2, 32, 1) against 500+ at (8, 16, 1))
 LONG_SEQUENCE, LONG_INFER_CONFIG, MIN_PROGRAMS = 1024, (4, 32, 1), 1024
+# Even so such a scan has ~1,000-2,000 one-warp programs, each walking thousands of tokens: latency-bound. Cutting
+# each sequence into splits scanned in parallel (a first pass for each split's end state and decay product, a
+# second that rescans each split from the state carried in) multiplies the programs, up to TARGET_PROGRAMS (about
+# enough warps to fill an H200's 132 multiprocessors), keeping splits of at least MIN_SPLIT_LENGTH tokens: the
+# first pass reads the inputs a second time. Each split is walked twice, so fewer than MIN_SPLITS cannot shorten a
+# program's walk. Not yet tuned on the GPU (benchmarks/scan_configs.py --splits).
+TARGET_PROGRAMS, MIN_SPLIT_LENGTH, MIN_SPLITS = 8192, 256, 3
 TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
 
 
 def infer_config(batch, dim, length):
-    """The inference launch config for ``batch`` sequences of ``dim`` channels and ``length`` tokens."""
+    """The inference launch config (channels per program, chunk length, warps, splits) for ``batch`` sequences of
+    ``dim`` channels and ``length`` tokens."""
     if length < LONG_SEQUENCE:
-        return INFER_CONFIG
-    block, chunk, warps = LONG_INFER_CONFIG
-    return (block if batch * dim // block >= MIN_PROGRAMS else block // 2), chunk, warps
+        block, chunk, warps = INFER_CONFIG
+    else:
+        block, chunk, warps = LONG_INFER_CONFIG
+        if batch * dim // block < MIN_PROGRAMS:
+            block //= 2
+    return block, chunk, warps, split_count(batch, dim, length, block)
+
+
+def split_count(batch, dim, length, block):
+    """How many splits each sequence is scanned in, at ``block`` channels a program (the rule above)."""
+    if length < LONG_SEQUENCE:
+        return 1
+    splits = min(triton.cdiv(TARGET_PROGRAMS, batch * triton.cdiv(dim, block)), length // MIN_SPLIT_LENGTH)
+    return splits if splits >= MIN_SPLITS else 1
 
 
 @triton.jit
@@ -87,29 +108,51 @@ def _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N: tl.constexpr, BLOCK
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr, L, dim,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr, split_end_ptr, split_decay_ptr,
+    L, dim, split_len,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_L: tl.constexpr, SAVE_STATES: tl.constexpr,
+    SPLIT_SUMMARY: tl.constexpr,
 ):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    """One (sequence, channel block, split of ``split_len`` tokens): writes y, entering the split with the state
+    composed from the earlier splits' summaries (none with one split); or, with ``SPLIT_SUMMARY``, writes the
+    split's summary instead of y: its end state from a zero start and its decay product, (batch, dim, splits - 1, N).
+    """
+    pid_b, pid_d, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs_n, rows, A, D, bias = _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N, BLOCK, CHUNK_L)
+    summaries = tl.cdiv(L, split_len) - 1
+    summary = ((pid_b * dim + offs_d[:, None]) * summaries) * N + offs_n[None, :]  # split 0's, (BLOCK, N)
     state = tl.zeros((BLOCK, N), dtype=tl.float32)
+    if SPLIT_SUMMARY:
+        split_decay = tl.full((BLOCK, N), 1.0, dtype=tl.float32)
+    else:
+        for earlier in range(split):  # H_0 = 0, H_{s+1} = P_s H_s + h_s: the state entering this split
+            state = (tl.load(split_decay_ptr + summary + earlier * N, mask=mask_d[:, None], other=0.0) * state
+                     + tl.load(split_end_ptr + summary + earlier * N, mask=mask_d[:, None], other=0.0))
+    start = split * split_len
+    stop = tl.minimum(start + split_len, L)
     num_chunks = tl.cdiv(L, CHUNK_L)
-    for chunk in range(num_chunks):
+    for chunk in range(start // CHUNK_L, tl.cdiv(stop, CHUNK_L)):
         if SAVE_STATES:  # (batch, dim, chunks, N): the state entering each chunk, for the backward pass
             tl.store(states_ptr + ((pid_b * dim + offs_d[:, None]) * num_chunks + chunk) * N + offs_n[None, :],
                      state, mask=mask_d[:, None])
         t = chunk * CHUNK_L + rows
-        mask_t = t < L
+        mask_t = t < stop
         u, raw, delta, B, C, a, b = _load_chunk(
             u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, pid_b, offs_d, mask_d, t, mask_t, offs_n,
             su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l)
         decay, h = tl.associative_scan((a, b), axis=0, combine_fn=_compose)
         h = h + decay * state[None, :, :]
-        y = tl.sum(h * C[:, None, :], axis=2) + D[None, :] * u
-        tl.store(y_ptr + pid_b * sy_b + offs_d[None, :] * sy_d + t[:, None] * sy_l, y.to(y_ptr.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_d[None, :])
         state = _row(h, rows, CHUNK_L - 1)
+        if SPLIT_SUMMARY:
+            split_decay = split_decay * _row(decay, rows, CHUNK_L - 1)
+        else:
+            y = tl.sum(h * C[:, None, :], axis=2) + D[None, :] * u
+            tl.store(y_ptr + pid_b * sy_b + offs_d[None, :] * sy_d + t[:, None] * sy_l,
+                     y.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+    if SPLIT_SUMMARY:
+        tl.store(split_end_ptr + summary + split * N, state, mask=mask_d[:, None])
+        tl.store(split_decay_ptr + summary + split * N, split_decay, mask=mask_d[:, None])
 
 
 @triton.jit
@@ -182,6 +225,32 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def scan_forward(u, delta, A, B, C, D, delta_bias, config, states=None):
+    """y of the scan at launch config ``(block, chunk, warps, splits)``, saving the state entering each chunk
+    into ``states`` (batch, dim, chunks, N) when given (one split only). The op below calls it with
+    ``infer_config``'s or ``TRAIN_CONFIG``'s choice; tests and benchmarks force others."""
+    block, chunk, warps, splits = config
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    split_len = triton.cdiv(triton.cdiv(length, splits), chunk) * chunk  # whole chunks; the last split may be short
+    splits = triton.cdiv(length, split_len)
+    if states is not None and splits > 1:
+        raise ValueError(f"saving chunk states needs one split, got {splits}")
+    y = torch.empty_like(u)  # in u's layout: a (B, C, L) view of (B, L, C) tokens stays one
+    # each split's end state from a zero start and its decay product (the last split's is not needed)
+    split_end, split_decay = (torch.empty(batch, dim, splits - 1, n, device=u.device, dtype=torch.float32)
+                              for _ in range(2))
+    args = (u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
+            split_end if states is None else states, split_end, split_decay, length, dim, split_len,
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *y.stride())
+    meta = dict(N=n, BLOCK=block, CHUNK_L=chunk, SAVE_STATES=states is not None, num_warps=warps)
+    with _on_device(u):
+        if splits > 1:
+            _scan_fwd_kernel[(*_grid(batch, dim, block), splits - 1)](*args, SPLIT_SUMMARY=True, **meta)
+        _scan_fwd_kernel[(*_grid(batch, dim, block), splits)](*args, SPLIT_SUMMARY=False, **meta)
+    return y
+
+
 def _register_ops():
     """Define the forward/backward custom ops once per process (this file may be imported twice)."""
     if hasattr(torch.ops.mambavision, "selective_scan_fwd"):
@@ -191,17 +260,11 @@ def _register_ops():
     def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor, delta_bias: torch.Tensor, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         batch, dim, length = u.shape
-        n = A.shape[1]
-        block, chunk, warps = TRAIN_CONFIG if save_states else infer_config(batch, dim, length)
-        y = torch.empty_like(u)  # in u's layout: a (B, C, L) view of (B, L, C) tokens stays one
-        chunks = triton.cdiv(length, chunk) if save_states else 0
-        states = torch.empty(batch, dim, chunks, n, device=u.device, dtype=torch.float32)
-        with _on_device(u):
-            _scan_fwd_kernel[_grid(batch, dim, block)](
-                u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y, states, length, dim,
-                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *y.stride(),
-                N=n, BLOCK=block, CHUNK_L=chunk, SAVE_STATES=save_states, num_warps=warps)
-        return y, states
+        chunks = triton.cdiv(length, TRAIN_CONFIG[1]) if save_states else 0
+        states = torch.empty(batch, dim, chunks, A.shape[1], device=u.device, dtype=torch.float32)
+        if save_states:
+            return scan_forward(u, delta, A, B, C, D, delta_bias, (*TRAIN_CONFIG, 1), states), states
+        return scan_forward(u, delta, A, B, C, D, delta_bias, infer_config(batch, dim, length)), states
 
     @_scan_fwd.register_fake
     def _(u, delta, A, B, C, D, delta_bias, save_states):

@@ -2,9 +2,12 @@
 
 Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
 inference forward and for forward + backward, so INFER_CONFIG / TRAIN_CONFIG can be chosen from data.
+The inference forward runs at the split count of ``split_count`` (column "rule"), or at each of ``--splits``
+(a count above length / chunk gives fewer splits); training always runs one.
 
     python benchmarks/scan_configs.py
     python benchmarks/scan_configs.py --shapes B-l2-b128-train --configs 16,4,2 8,8,1
+    python benchmarks/scan_configs.py --shapes T-seg-l2-b16 T-det-l2-b8 --configs 2,32,1 4,32,1 --splits 1 4 8 16
 """
 
 import argparse
@@ -52,21 +55,25 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     parser.add_argument("--configs", nargs="+", type=lambda c: tuple(int(v) for v in c.split(",")),
                         help="block,chunk,warps triples (default: every block 2-64, chunk 1-32, warps 1-4)")
+    parser.add_argument("--splits", nargs="+", type=int,
+                        help="split counts for the inference forward (default: split_count's choice per config)")
     args = parser.parse_args(argv)
     configs = args.configs or [c for c in itertools.product((2, 4, 8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4))
                                if c[0] * c[1] <= 1024]
+    split_counts = args.splits or [None]
     for name in args.shapes:
         shape = SHAPES[name]
-        args, bias = inputs(*shape)
-        want = reference(*args, delta_bias=bias, delta_softplus=True).float()
+        tensors, bias = inputs(*shape)
+        want = reference(*tensors, delta_bias=bias, delta_softplus=True).float()
         train = name.endswith("train")
-        rows = []
-        for config in configs:
-            kernels.INFER_CONFIG = kernels.TRAIN_CONFIG = config
-            kernels.infer_config = lambda *shape, config=config: config  # every length at this config
+        times = {}  # config -> {requested split count or None: (us, splits run)}
+        for config, requested in itertools.product(configs, [None] if train else split_counts):
+            splits = 1 if train else requested or kernels.split_count(*shape, config[0])
+            kernels.TRAIN_CONFIG = config
+            kernels.infer_config = lambda *shape, config=(*config, splits): config  # every length at this config
             try:
                 if train:
-                    leaves = [t.detach().requires_grad_() for t in args]
+                    leaves = [t.detach().requires_grad_() for t in tensors]
                     grad = torch.randn_like(want)
 
                     def step():
@@ -75,17 +82,24 @@ def main(argv=None):
                 else:
                     def step():
                         with torch.no_grad():
-                            return kernels.selective_scan_triton(*args, delta_bias=bias, delta_softplus=True)
+                            return kernels.selective_scan_triton(*tensors, delta_bias=bias, delta_softplus=True)
                     got = step().float()
                     error = ((got - want).norm() / want.norm()).item()
                     assert error < 1e-2, f"wrong result, relative error {error}"
-                rows.append((triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), config))
+                ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+                times.setdefault(config, {})[requested] = (ms * 1e3, splits)
             except Exception as exc:  # a configuration that does not compile or fit is reported and skipped
-                print(f"{name} {config}: {type(exc).__name__}: {str(exc)[:120]}")
-        rows.sort()
-        print(f"\n{name} {shape} {'fwd+bwd' if train else 'fwd'}: best 6 of {len(rows)} (block, chunk, warps)")
-        for ms, config in rows[:6]:
-            print(f"  {config}: {ms * 1e3:8.1f} us")
+                print(f"{name} {config} splits {splits}: {type(exc).__name__}: {str(exc)[:120]}")
+        best = sorted(times, key=lambda config: min(times[config].values()))
+        columns = [None] if train else split_counts
+        print(f"\n{name} {shape} {'fwd+bwd' if train else 'fwd'}: best 6 of {len(times)} (block, chunk, warps), "
+              f"us by splits")
+        print(f"  {'config':>12}" + "".join(f"{'rule' if c is None else c:>14}" for c in columns))
+        for config in best[:6]:
+            cells = (times[config].get(c) for c in columns)
+            print(f"  {str(config):>12}" + "".join(
+                f"{'-':>14}" if cell is None else f"{cell[0]:9.1f}" + (f" ({cell[1]:2d})" if c is None else " " * 5)
+                for c, cell in zip(columns, cells)))
 
 
 if __name__ == "__main__":

@@ -58,14 +58,19 @@ def compare_with_reference(batch, dim, length, dtype, device, seed, backend="tri
     return errors
 
 
-def inference_error(batch, dim, length, dtype, device, seed):
-    """Relative error of the Triton scan without gradients (its inference launch configs) against the reference."""
+def inference_error(batch, dim, length, dtype, device, seed, config=None):
+    """Relative error of the Triton scan without gradients against the reference: through the op (its inference
+    launch configs), or launched at ``config`` (block, chunk, warps, splits)."""
     scan = model_code.load("selective_scan")
     inputs = {k: v.detach() for k, v in scan_problem(batch, dim, length, dtype, device, seed).items()}
     order = ("u", "delta", "A", "B", "C", "D")
     with torch.no_grad():
-        fast = scan._FAST_BACKENDS["triton"]()(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
-                                               delta_softplus=True)
+        if config is None:
+            fast = scan._FAST_BACKENDS["triton"]()(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
+                                                   delta_softplus=True)
+        else:
+            fast = model_code.load("selective_scan_triton").scan_forward(
+                *(inputs[k] for k in order), inputs["delta_bias"], config)
         ref = scan.selective_scan_sequential(*(inputs[k] for k in order), delta_bias=inputs["delta_bias"],
                                       delta_softplus=True)
     return relative_error(fast, ref)
@@ -80,8 +85,14 @@ for shape in [(2, 20, 37), (1, 16, 16), (2, 5, 3)]:
     worst = max(errors.values())
     assert worst < 1e-5, (shape, errors)
 from test_triton_scan import inference_error
-for shape in [(2, 20, 37), (1, 4, 1024)]:  # the short and the long-sequence inference configs
+for shape in [(2, 20, 37), (1, 2, 1024)]:  # the short and the long-sequence (4 splits) inference configs
     assert inference_error(*shape, dtype=__import__("torch").float32, device="cpu", seed=1) < 1e-5, shape
+# 3 splits of 16, 16 and 5 tokens (the last one ragged, the length no multiple of the chunk); 5 channels in blocks
+# of 4 (the last block partly masked)
+for shape, dtype, tolerance in [((2, 5, 37), "float32", 1e-5), ((1, 4, 37), "bfloat16", 1e-2)]:
+    error = inference_error(*shape, dtype=getattr(__import__("torch"), dtype), device="cpu", seed=2,
+                            config=(4, 8, 1, 3))
+    assert error < tolerance, (shape, dtype, error)
 print("ok")
 """
 
@@ -118,6 +129,42 @@ def test_triton_inference_configs_match_reference_on_gpu(shape, dtype):
     kernels = model_code.load("selective_scan_triton")
     assert len({kernels.infer_config(*s) for s in INFERENCE_SHAPES}) == len(INFERENCE_SHAPES)
     assert inference_error(*shape, dtype=dtype, device="cuda", seed=sum(shape)) < TOLERANCES[dtype]["out"]
+
+
+@needs_cuda
+@triton_missing
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("length, splits", [(4096, None), (4001, 7)], ids=str)
+def test_triton_split_inference_matches_reference_on_gpu(length, splits, dtype):
+    """The sequence-split forward at a dense-prediction shape: through the op (its own split count), and launched
+    at 7 splits with a short last one (the length no multiple of the chunk)."""
+    config = model_code.load("selective_scan_triton").infer_config(2, 64, length)
+    assert config[3] > 1  # the op splits this shape
+    forced = None if splits is None else (*config[:3], splits)
+    assert inference_error(2, 64, length, dtype=dtype, device="cuda", seed=length,
+                           config=forced) < TOLERANCES[dtype]["out"]
+
+
+@needs_cuda
+@triton_missing
+def test_split_inference_under_cuda_graphs():
+    """The split path (two launches, scratch buffers allocated inside the op) compiles whole and replays in a CUDA
+    graph, giving the eager result."""
+    scan = model_code.load("selective_scan")
+    kernel = scan._FAST_BACKENDS["triton"]()
+    inputs = {k: v.detach() for k, v in scan_problem(2, 64, 4096, torch.bfloat16, "cuda", 0).items()}
+    order = ("u", "delta", "A", "B", "C", "D")
+
+    def run(u, delta, A, B, C, D, delta_bias):
+        return kernel(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
+
+    compiled = torch.compile(run, mode="reduce-overhead", fullgraph=True)
+    args = [inputs[k] for k in (*order, "delta_bias")]
+    with torch.no_grad():
+        eager = run(*args)
+        for _ in range(3):  # warm-up, record, replay
+            fast = compiled(*args).clone()
+    assert relative_error(fast, eager) < 1e-6
 
 
 def _mamba_ssm_works():
