@@ -3,7 +3,7 @@
 Specialised for what MambaVision needs (no z gate, delta bias + softplus, small d_state, window-length
 sequences). Each program owns one sequence and a block of channels; it walks the sequence in chunks,
 and inside a chunk the linear recurrence h_t = a_t * h_{t-1} + b_t runs as a parallel associative scan.
-Long sequences at inference are cut into splits scanned in parallel: a first pass finds each split's end state
+The longest sequences at inference are cut into splits scanned in parallel: a first pass finds each split's end state
 from zero and its decay product, and the forward kernel enters each split with the state they compose to.
 The state stays in float32 whatever the input dtype. Training saves only the state at each chunk start;
 the backward pass recomputes the chunk and runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}
@@ -28,13 +28,13 @@ INFER_CONFIG = (8, 16, 1)
 # program keep the multiprocessors busy (benchmarks/NOTES.md, 2026-12-04: T's level 2 at 512, 4,096 tokens,
 # 318 us at (2, 32, 1) against 500+ at (8, 16, 1))
 LONG_SEQUENCE, LONG_INFER_CONFIG, MIN_PROGRAMS = 1024, (4, 32, 1), 1024
-# Even so such a scan has ~1,000-2,000 one-warp programs, each walking thousands of tokens: latency-bound. Cutting
-# each sequence into splits scanned in parallel (a first pass for each split's end state and decay product, a
-# second that rescans each split from the state carried in) multiplies the programs, up to TARGET_PROGRAMS (about
-# enough warps to fill an H200's 132 multiprocessors), keeping splits of at least MIN_SPLIT_LENGTH tokens: the
-# first pass reads the inputs a second time. Each split is walked twice, so fewer than MIN_SPLITS cannot shorten a
-# program's walk. Not yet tuned on the GPU (benchmarks/scan_configs.py --splits).
-TARGET_PROGRAMS, MIN_SPLIT_LENGTH, MIN_SPLITS = 8192, 256, 3
+# Only the longest sequences gain from being cut into splits scanned in parallel (a first pass for each split's end
+# state and decay product, then the forward kernel entering each split with the state they compose to): every split
+# is walked twice, and the scan is bound by its arithmetic more than by its serial walk. H200 (benchmarks/NOTES.md,
+# 2026-12-04, third session): one split was fastest at every shape of 4,096 tokens or fewer; at 12,544 (detection's
+# 112x112 window) 12 splits at (4, 32, 1) took 546 us against 788 unsplit for T's 8 x 160 channels, 813 against 859
+# for B's 8 x 256.
+SPLIT_FROM, SPLIT_CONFIG = 8192, (4, 32, 1, 12)
 TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
 
 
@@ -42,20 +42,11 @@ def infer_config(batch, dim, length):
     """The inference launch config (channels per program, chunk length, warps, splits) for ``batch`` sequences of
     ``dim`` channels and ``length`` tokens."""
     if length < LONG_SEQUENCE:
-        block, chunk, warps = INFER_CONFIG
-    else:
-        block, chunk, warps = LONG_INFER_CONFIG
-        if batch * dim // block < MIN_PROGRAMS:
-            block //= 2
-    return block, chunk, warps, split_count(batch, dim, length, block)
-
-
-def split_count(batch, dim, length, block):
-    """How many splits each sequence is scanned in, at ``block`` channels a program (the rule above)."""
-    if length < LONG_SEQUENCE:
-        return 1
-    splits = min(triton.cdiv(TARGET_PROGRAMS, batch * triton.cdiv(dim, block)), length // MIN_SPLIT_LENGTH)
-    return splits if splits >= MIN_SPLITS else 1
+        return (*INFER_CONFIG, 1)
+    if length >= SPLIT_FROM:
+        return SPLIT_CONFIG
+    block, chunk, warps = LONG_INFER_CONFIG
+    return (block if batch * dim // block >= MIN_PROGRAMS else block // 2), chunk, warps, 1
 
 
 @triton.jit

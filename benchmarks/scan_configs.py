@@ -2,7 +2,7 @@
 
 Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
 inference forward and for forward + backward, so INFER_CONFIG / TRAIN_CONFIG can be chosen from data.
-The inference forward runs at the split count of ``split_count`` (column "rule"), or at each of ``--splits``
+The inference forward runs at the split count ``infer_config`` gives the shape (column "rule"), or at each of ``--splits``
 (a count above length / chunk gives fewer splits); training always runs one.
 
     python benchmarks/scan_configs.py
@@ -56,11 +56,12 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", type=lambda c: tuple(int(v) for v in c.split(",")),
                         help="block,chunk,warps triples (default: every block 2-64, chunk 1-32, warps 1-4)")
     parser.add_argument("--splits", nargs="+", type=int,
-                        help="split counts for the inference forward (default: split_count's choice per config)")
+                        help="split counts for the inference forward (default: infer_config's for the shape)")
     args = parser.parse_args(argv)
     configs = args.configs or [c for c in itertools.product((2, 4, 8, 16, 32, 64), (1, 4, 8, 16, 32), (1, 2, 4))
                                if c[0] * c[1] <= 1024]
     split_counts = args.splits or [None]
+    rule = kernels.infer_config  # replaced below by each config in turn
     for name in args.shapes:
         shape = SHAPES[name]
         tensors, bias = inputs(*shape)
@@ -68,7 +69,7 @@ def main(argv=None):
         train = name.endswith("train")
         times = {}  # config -> {requested split count or None: (us, splits run)}
         for config, requested in itertools.product(configs, [None] if train else split_counts):
-            splits = 1 if train else requested or kernels.split_count(*shape, config[0])
+            splits = 1 if train else requested or rule(*shape)[3]
             kernels.TRAIN_CONFIG = config
             kernels.infer_config = lambda *shape, config=(*config, splits): config  # every length at this config
             try:

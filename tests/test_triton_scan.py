@@ -85,7 +85,7 @@ for shape in [(2, 20, 37), (1, 16, 16), (2, 5, 3)]:
     worst = max(errors.values())
     assert worst < 1e-5, (shape, errors)
 from test_triton_scan import inference_error
-for shape in [(2, 20, 37), (1, 2, 1024)]:  # the short and the long-sequence (4 splits) inference configs
+for shape in [(2, 20, 37), (1, 2, 1024)]:  # the short and the long-sequence inference configs
     assert inference_error(*shape, dtype=__import__("torch").float32, device="cpu", seed=1) < 1e-5, shape
 # 3 splits of 16, 16 and 5 tokens (the last one ragged, the length no multiple of the chunk); 5 channels in blocks
 # of 4 (the last block partly masked)
@@ -118,7 +118,7 @@ def test_triton_scan_matches_reference_on_gpu(shape, dtype):
     assert all(e < tolerance["grad"] for name, e in errors.items() if name != "out"), errors
 
 
-INFERENCE_SHAPES = [(8, 160, 196), (1, 96, 1024), (8, 512, 1024)]  # one shape per inference launch config
+INFERENCE_SHAPES = [(8, 160, 196), (1, 96, 1024), (8, 512, 1024), (1, 16, 8192)]  # one per inference launch config
 
 
 @needs_cuda
@@ -134,7 +134,7 @@ def test_triton_inference_configs_match_reference_on_gpu(shape, dtype):
 @needs_cuda
 @triton_missing
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("length, splits", [(4096, None), (4001, 7)], ids=str)
+@pytest.mark.parametrize("length, splits", [(8192, None), (4001, 7)], ids=str)
 def test_triton_split_inference_matches_reference_on_gpu(length, splits, dtype):
     """The sequence-split forward at a dense-prediction shape: through the op (its own split count), and launched
     at 7 splits with a short last one (the length no multiple of the chunk)."""
@@ -152,7 +152,7 @@ def test_split_inference_under_cuda_graphs():
     graph, giving the eager result."""
     scan = model_code.load("selective_scan")
     kernel = scan._FAST_BACKENDS["triton"]()
-    inputs = {k: v.detach() for k, v in scan_problem(2, 64, 4096, torch.bfloat16, "cuda", 0).items()}
+    inputs = {k: v.detach() for k, v in scan_problem(2, 64, 8192, torch.bfloat16, "cuda", 0).items()}
     order = ("u", "delta", "A", "B", "C", "D")
 
     def run(u, delta, A, B, C, D, delta_bias):
