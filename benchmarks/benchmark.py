@@ -417,6 +417,7 @@ def dense_case(args, case, build_model, compile_mode):
     compiled = compile_mode != "eager"
     torch._inductor.config.freezing = freezing = args.freezing and compiled
     torch._inductor.config.freezing_discard_parameters = discard = args.discard_parameters and freezing
+    torch._inductor.config.allow_buffer_reuse = reuse = not args.no_buffer_reuse
     forward = torch.compile(model, mode=compile_mode) if compiled else model
 
     def step():
@@ -441,7 +442,8 @@ def dense_case(args, case, build_model, compile_mode):
         print_profile(step, f"{case.name} b{case.batch} {case.height}x{case.width} {compile_mode}")
     return {"variant": case.name, "mode": "infer", "batch": case.batch, "size": f"{case.height}x{case.width}",
             "dtype": "bf16", "scan": "triton",
-            "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else ""), "ms": ms,
+            "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else "")
+            + ("" if reuse or not compiled else "+no-reuse"), "ms": ms,
             "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_s": first_s}
 
 
@@ -664,6 +666,9 @@ def main(argv=None):
     parser.add_argument("--parts", nargs="+", choices=("backbone", "upernet", "detector", "classifier"),
                         help="with --segmentation or --detection: only these parts (default all)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-buffer-reuse", action="store_true",
+                        help="--segmentation/--detection: inductor frees each buffer at its last use instead of keeping "
+                             "it for a later one of the same size (allow_buffer_reuse=False)")
     parser.add_argument("--memory-trace", action="store_true",
                         help="--segmentation/--detection: print what is allocated at each case's peak (allocator trace)")
     args = parser.parse_args(argv)
