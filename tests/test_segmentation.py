@@ -84,6 +84,33 @@ def test_windows_larger_than_the_map_pad_the_map_as_the_original(window):
     assert (got - clipped).abs().max() > 1e-3
 
 
+def test_last_block_on_the_map_tokens_alone_gives_the_whole_window_gradients():
+    """A level whose map fits in one padded window runs its last block for the map's tokens alone (the padded tokens
+    still feed that block's keys, values and scan): outputs and gradients, input's and parameters', equal those of the
+    whole window's blocks cropped afterwards (float64, so that rounding cannot hide a difference)."""
+    config = tiny_config(window_size=[4, 4, 4, 8], depths=[1, 1, 2, 3], layer_scale=0.5)
+    torch.manual_seed(0)
+    stage = modeling.MambaVisionBackbone(config).model.levels[3].double().train()
+    assert stage.padding_crop(3, 5, output_attentions=False) is not None
+    x = torch.randn(2, config.hidden_sizes[3], 3, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, config.hidden_sizes[3], 3, 5, dtype=torch.float64)
+
+    def gradients(forward):
+        stage.zero_grad()
+        x.grad = None
+        (forward() * weights).sum().backward()
+        return [x.grad] + [p.grad for p in stage.parameters()]
+
+    def whole_window():
+        tokens = torch.nn.functional.pad(x, (0, 3, 0, 5)).flatten(2).transpose(1, 2)  # (2, 64, C), row-major
+        for block in stage.blocks:
+            tokens, _ = block(tokens)
+        return tokens.transpose(1, 2).reshape(2, -1, 8, 8)[:, :, :3, :5]
+
+    for got, expected in zip(gradients(lambda: stage(x)[1]), gradients(whole_window)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 
 
 def seg_fixture_config(architecture):
