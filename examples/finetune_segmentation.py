@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
-from transformers import AutoModelForSemanticSegmentation, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForSemanticSegmentation, TrainingArguments, set_seed
 
 import scale_utils
 from finetune import CHECKPOINTING
@@ -285,10 +285,10 @@ def train(args, training_args, evaluate):
     train_set = SegmentationExamples(train_pairs, processor, crop, args.reduce_zero_label, augment=not args.no_augment)
     eval_set = SegmentationExamples(eval_pairs, processor, None, args.reduce_zero_label) if evaluate else None
     model.accepts_loss_kwargs = False  # the loss is mmseg's mean over pixels: Trainer leaves it alone
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=processor, compute_metrics=MeanIoU(len(labels)),
-                      preprocess_logits_for_metrics=class_map,
-                      callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    trainer = scale_utils.WarmupTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                                        processing_class=processor, compute_metrics=MeanIoU(len(labels)),
+                                        preprocess_logits_for_metrics=class_map,
+                                        callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
     metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())

@@ -98,3 +98,17 @@ def test_finetuning_killed_resumes_with_the_same_command(tiny_segmenter, tmp_pat
     assert_same_training(output, uninterrupted, RESUME_RTOL)
     model = AutoModelForSemanticSegmentation.from_pretrained(output, trust_remote_code=True)
     assert [model.config.id2label[i] for i in range(3)] == CLASSES
+
+
+def test_a_warm_up_as_long_as_the_training_finishes(tiny_segmenter, tmp_path):
+    """--warmup-steps equal to the training's steps: transformers' polynomial schedule divided by the steps after the
+    warm-up (ZeroDivisionError after the last step); the run writes its folder, its steps at the warm-up's rates."""
+    train = write_shapes(tmp_path / "train", 4, seed=1)
+    out = tmp_path / "finetuned"
+    finetune_segmentation.main([str(arg) for arg in [
+        "--model", tiny_segmenter, "--train-dir", train, "--output-dir", out, "--max-steps", 2, "--warmup-steps", 2,
+        "--batch-size", 2, "--crop-size", 32, "--learning-rate", 1e-3, "--cpu", "--num-workers", 0,
+        "--logging-steps", 1]])
+    rates = [entry["learning_rate"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+             if "learning_rate" in entry]
+    assert rates == pytest.approx([0.0, 0.5e-3]), rates  # each step's: 0, then half-way up
