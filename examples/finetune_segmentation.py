@@ -184,6 +184,7 @@ def training_arguments(args, evaluate):
     return TrainingArguments(
         **scale_utils.checkpointing(args), num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=1,  # whole images, unpadded
+        dataloader_drop_last=True,  # no last batch of one crop (see --batch-size)
         gradient_accumulation_steps=args.gradient_accumulation, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, lr_scheduler_type="polynomial", warmup_steps=args.warmup_steps,
         bf16=not use_cpu and not args.fp32, use_cpu=use_cpu,
@@ -230,7 +231,7 @@ def parse_arguments(argv):
                         help="train on fixed crops: the shorter side at --crop-size, the centre (no randomness)")
     parser.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="crops per process and step (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="crops per process and step, at least 2 (default: 8)")
     parser.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per step (default: 1)")
     parser.add_argument("--learning-rate", type=float, default=6e-5, help="AdamW peak learning rate (NVIDIA: 5e-5)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (NVIDIA: 0.01)")
@@ -245,6 +246,8 @@ def parse_arguments(argv):
     args = parser.parse_args(argv)
     if args.eval_dir and not args.train_dir:
         parser.error("--eval-dir goes with --train-dir (with --dataset: --eval-split)")
+    if args.batch_size < 2:  # UPerNet's pooling module normalises 1x1 maps with BatchNorm: one crop has no statistics
+        parser.error(f"--batch-size must be at least 2, got {args.batch_size}")
     scale_utils.check_output_dir(parser, args)
     return args
 
@@ -283,6 +286,9 @@ def train(args, training_args, evaluate):
     processor = processing.MambaVisionSegmentationImageProcessor.from_model_config(model.config)
     crop = args.crop_size or model.config.image_size
     train_set = SegmentationExamples(train_pairs, processor, crop, args.reduce_zero_label, augment=not args.no_augment)
+    if len(train_set) < args.batch_size * training_args.world_size:  # whole batches only
+        fail(f"{len(train_set)} training images are fewer than one batch (--batch-size {args.batch_size} on "
+             f"{training_args.world_size} process(es))")
     eval_set = SegmentationExamples(eval_pairs, processor, None, args.reduce_zero_label) if evaluate else None
     model.accepts_loss_kwargs = False  # the loss is mmseg's mean over pixels: Trainer leaves it alone
     trainer = scale_utils.WarmupTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,

@@ -3,6 +3,7 @@ pictures (squares and discs of random colours on textured backgrounds), segments
 folder reloads through AutoModelForSemanticSegmentation."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -112,3 +113,27 @@ def test_a_warm_up_as_long_as_the_training_finishes(tiny_segmenter, tmp_path):
     rates = [entry["learning_rate"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
              if "learning_rate" in entry]
     assert rates == pytest.approx([0.0, 0.5e-3]), rates  # each step's: 0, then half-way up
+
+
+def test_training_takes_whole_batches_only(tiny_segmenter, tmp_path):
+    """3 images in batches of 2: one step an epoch, the odd image left out (a last batch of one crop stopped the run
+    in UPerNet's pooling module, whose BatchNorm normalises 1x1 maps)."""
+    train = write_shapes(tmp_path / "train", 3, seed=1)
+    out = tmp_path / "finetuned"
+    finetune_segmentation.main([str(arg) for arg in [
+        "--model", tiny_segmenter, "--train-dir", train, "--output-dir", out, "--epochs", 1, "--batch-size", 2,
+        "--crop-size", 32, "--cpu", "--num-workers", 0]])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize("images, batch, message", [
+    (3, 1, "--batch-size must be at least 2, got 1"),
+    (1, 2, r"1 training images are fewer than one batch \(--batch-size 2 on 1 process\(es\)\)")])
+def test_batches_of_one_crop_are_refused(tiny_segmenter, tmp_path, capsys, images, batch, message):
+    train = write_shapes(tmp_path / "train", images, seed=1)
+    with pytest.raises(SystemExit) as stopped:
+        finetune_segmentation.main([str(arg) for arg in [
+            "--model", tiny_segmenter, "--train-dir", train, "--output-dir", tmp_path / "out", "--max-steps", 1,
+            "--batch-size", batch, "--crop-size", 32, "--cpu", "--num-workers", 0]])
+    assert re.search(message, f"{stopped.value.code} {capsys.readouterr().err}")
+    assert not (tmp_path / "out").exists()
