@@ -58,13 +58,31 @@ def _fraction(name, value):
     return float(value)
 
 
-def _subtask(name, value):
-    if value not in SUBTASKS:
-        raise ValueError(f"parameter {name!r} must be one of {', '.join(SUBTASKS)}, got {value!r}")
-    return value
+def _one_of(choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"parameter {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _height_width(name, value):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in value)):
+        raise ValueError(f"parameter {name!r} must be [height, width], two positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _slide_settings(parameters):
+    """``crop_size`` and ``stride`` shape the sliding window only: without it they would be ignored."""
+    given = [name for name in ("crop_size", "stride") if name in parameters]
+    if given and parameters.get("inference_mode") != "slide":
+        raise ValueError(f"parameter {given[0]!r} goes with 'inference_mode': 'slide'")
 
 
 SUBTASKS = ("instance", "panoptic", "semantic")  # a model answers those its image processor post-processes
+INFERENCE_MODES = ("whole", "slide")  # a UPerNet model's: the image at once, or mmseg's sliding window
 
 
 def _png_masks(segments):
@@ -85,6 +103,8 @@ class Task:
     Args:
         model_classes: the config ``architectures`` whose folder serves this task by default.
         parameters: each parameter a request may give -> its check (name, value) -> value, raising ValueError.
+        model_parameters: further parameters of a model class's own pipeline: architecture -> parameters.
+        check_together: a check of a request's checked parameters together, raising ValueError.
         defaults: pipeline keyword arguments sent with every call (request parameters override them).
         also_from: further ``architectures`` whose folder serves this task when ``HF_TASK`` asks for it.
         batch_size: images per forward pass within a request; 1 where images keep their own sizes (detection and
@@ -93,6 +113,8 @@ class Task:
 
     model_classes: tuple
     parameters: dict = field(default_factory=dict)
+    model_parameters: dict = field(default_factory=dict)
+    check_together: Callable = lambda parameters: None
     defaults: dict = field(default_factory=dict)
     to_json: Callable = lambda result: result  # one image's pipeline answer -> JSON types
     also_from: tuple = ()
@@ -109,11 +131,15 @@ TASKS = {
     # [{"score", "label", "box": {"xmin", "ymin", "xmax", "ymax"}}]: the detections scoring above ``threshold``
     "object-detection": Task(("MambaVisionForObjectDetection",), {"threshold": _fraction}, batch_size=1),
     # [{"score", "label", "mask"}]: a semantic model's one mask per class present (score null; the thresholds do not
-    # apply), a Mask2Former model's one per instance scoring above ``threshold``
+    # apply), a Mask2Former model's one per instance scoring above ``threshold``. A semantic (UPerNet) model also
+    # takes its pipeline's ``inference_mode`` (mmseg's test modes), ``crop_size`` and ``stride`` ([height, width]).
     "image-segmentation": Task(("MambaVisionForSemanticSegmentation", "MambaVisionForUniversalSegmentation"),
                                {"threshold": _fraction, "mask_threshold": _fraction,
-                                "overlap_mask_area_threshold": _fraction, "subtask": _subtask},
-                               to_json=_png_masks, batch_size=1),
+                                "overlap_mask_area_threshold": _fraction, "subtask": _one_of(SUBTASKS)},
+                               model_parameters={"MambaVisionForSemanticSegmentation": {
+                                   "inference_mode": _one_of(INFERENCE_MODES), "crop_size": _height_width,
+                                   "stride": _height_width}},
+                               check_together=_slide_settings, to_json=_png_masks, batch_size=1),
 }
 # the toolkit's default task names when the endpoint runs a custom handler
 UNSET_TASKS = (None, "", "custom")
@@ -134,17 +160,23 @@ def served_tasks(config):
     return [name for name, task in TASKS.items() if architectures & {*task.model_classes, *task.also_from}]
 
 
-def _check_parameters(task_name, parameters):
+def _check_parameters(task_name, parameters, architectures):
+    """A request's ``parameters`` checked for the task and the model's ``architectures`` -> the pipeline's."""
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
         raise ValueError(f"'parameters' must be an object, got {type(parameters).__name__}")
-    accepted = TASKS[task_name].parameters
+    task = TASKS[task_name]
+    accepted = dict(task.parameters)
+    for architecture in architectures:
+        accepted.update(task.model_parameters.get(architecture, {}))
     unknown = sorted(set(parameters) - set(accepted))
     if unknown:
         raise ValueError(f"unknown parameter {unknown[0]!r} for {task_name} "
                          f"(accepted: {', '.join(accepted) or 'none'})")
-    return {name: accepted[name](name, value) for name, value in parameters.items()}
+    checked = {name: accepted[name](name, value) for name, value in parameters.items()}
+    task.check_together(checked)
+    return checked
 
 
 def decode_image(value, where="inputs"):
@@ -213,7 +245,7 @@ class EndpointHandler:
         if task not in served_tasks(config):
             raise ValueError(f"task {task!r} is not served by a model saved as {config.architectures}; "
                              f"this folder serves {served_tasks(config)}")
-        self.task = task
+        self.task, self.architectures = task, tuple(config.architectures or ())
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.pipeline = pipeline(task, model=path, trust_remote_code=True, device=device,
@@ -227,7 +259,7 @@ class EndpointHandler:
         unknown = sorted(set(data) - {"inputs", "parameters"})
         if unknown:
             raise ValueError(f"unknown request field {unknown[0]!r} (expected 'inputs' and 'parameters')")
-        parameters = _check_parameters(self.task, data.get("parameters"))
+        parameters = _check_parameters(self.task, data.get("parameters"), self.architectures)
         images, batched = decode_inputs(data["inputs"])
         task = TASKS[self.task]
         arguments = {**task.defaults, **parameters}

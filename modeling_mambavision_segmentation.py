@@ -156,6 +156,9 @@ class MambaVisionForSemanticSegmentation(MambaVisionPreTrainedModel):
                 features = self.model(crop)[0][1:]
                 logits[:, :, top:bottom, left:right] += self.resize(self.decode_head(features), crop.shape[2:])
                 counts[:, :, top:bottom, left:right] += 1
+        if not counts.all():  # a stride longer than the crop skips pixels (mmseg asserts this too)
+            raise ValueError(f"stride {(stride_h, stride_w)} leaves pixels out of every {(crop_h, crop_w)} crop; "
+                             "use a stride no longer than crop_size")
         return logits / counts
 
 

@@ -38,7 +38,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
-from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, TrainingArguments, set_seed
 
 import scale_utils
 from mambavision_tools import hub_folder, model_code, publishing
@@ -282,7 +282,7 @@ def model_card(args, trainer, template, labels, metrics, eval_images, repo_id, d
         global_batch=targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps)
 
 
-class DetectionTrainer(Trainer):
+class DetectionTrainer(scale_utils.WarmupTrainer):
     """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's), whose evaluation
     hands ``compute_metrics`` what ``kept_outputs(outputs, inputs)`` keeps of each batch's outputs and the batch's
     ``EXAMPLE_INDEX``: tensors of one shape on every process, which Trainer gathers across processes (the labels,

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
-from transformers import AutoModelForSemanticSegmentation, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForSemanticSegmentation, TrainingArguments, set_seed
 
 import scale_utils
 from finetune import CHECKPOINTING
@@ -82,9 +83,9 @@ class SegmentationExamples(torch.utils.data.Dataset):
             fail(f"mask {index} is not a single-channel image of class indices (shape {tuple(mask.shape)})")
         if self.reduce_zero_label:  # 0 is unlabelled, classes start at 1
             mask = torch.where(mask == 0, IGNORE, mask - 1)
+        if image.size[::-1] != tuple(mask.shape):  # PIL's (width, height)
+            fail(f"image {index} is {image.size[::-1]} but its mask {tuple(mask.shape)}")
         pixels = self.processor.resize(image, do_resize=self.crop is None)  # (3, H, W) uint8
-        if pixels.shape[1:] != mask.shape:
-            fail(f"image {index} is {tuple(pixels.shape[1:])} but its mask {tuple(mask.shape)}")
         if self.crop is None:
             return {"pixel_values": self.processor.normalize_pixels(pixels), "labels": resize_mask(mask, pixels.shape[1:])}
         if not self.augment:  # the shorter side at the crop size, the centre crop, no flip
@@ -165,8 +166,9 @@ class MeanIoU:
         self.metric = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE)
 
     def __call__(self, prediction, compute_result=False):
-        predictions, labels = (torch.as_tensor(t) for t in (prediction.predictions, prediction.label_ids))
-        self.metric.update(predictions.cpu(), labels.cpu().masked_fill(labels.cpu() < 0, IGNORE))
+        predictions, labels = (torch.as_tensor(t).cpu() for t in (prediction.predictions, prediction.label_ids))
+        padding = labels < 0  # Trainer's, where maps of other processes' images were longer
+        self.metric.update(predictions.masked_fill(padding, 0), labels.masked_fill(padding, IGNORE))
         if not compute_result:
             return {}
         result = self.metric.compute().item()
@@ -174,9 +176,24 @@ class MeanIoU:
         return {"mean_iou": result}
 
 
-def class_map(logits, labels):
-    """``preprocess_logits_for_metrics``: keep only the arg max (logits are already at the labels' size)."""
-    return logits.argmax(dim=1)
+class SegmentationTrainer(scale_utils.WarmupTrainer):
+    """Trainer whose evaluation hands ``compute_metrics`` each image's class map (the logits' arg max, at the
+    labels' size) and labels flattened, (batch, height * width): Trainer pads them to one length across processes
+    and gathers them (it pads the second dimension only: maps of images of other widths made its gather abort)."""
+
+    def evaluate(self, *args, **kwargs):
+        """Every process evaluates the model that process 0 saves: DDP gives each training forward process 0's
+        BatchNorm statistics, which each process then updates from its own batch."""
+        if dist.is_available() and dist.is_initialized():
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        return super().evaluate(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if logits is None:
+            return loss, None, None
+        return loss, logits.argmax(dim=1).flatten(1), labels.flatten(1)
 
 
 def training_arguments(args, evaluate):
@@ -230,7 +247,7 @@ def parse_arguments(argv):
                         help="train on fixed crops: the shorter side at --crop-size, the centre (no randomness)")
     parser.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="crops per process and step (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="crops per process and step, at least 2 (default: 8)")
     parser.add_argument("--gradient-accumulation", type=int, default=1, help="micro-batches per step (default: 1)")
     parser.add_argument("--learning-rate", type=float, default=6e-5, help="AdamW peak learning rate (NVIDIA: 5e-5)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (NVIDIA: 0.01)")
@@ -245,6 +262,8 @@ def parse_arguments(argv):
     args = parser.parse_args(argv)
     if args.eval_dir and not args.train_dir:
         parser.error("--eval-dir goes with --train-dir (with --dataset: --eval-split)")
+    if args.batch_size < 2:  # UPerNet's pooling module normalises 1x1 maps with BatchNorm: one crop has no statistics
+        parser.error(f"--batch-size must be at least 2, got {args.batch_size}")
     scale_utils.check_output_dir(parser, args)
     return args
 
@@ -283,12 +302,14 @@ def train(args, training_args, evaluate):
     processor = processing.MambaVisionSegmentationImageProcessor.from_model_config(model.config)
     crop = args.crop_size or model.config.image_size
     train_set = SegmentationExamples(train_pairs, processor, crop, args.reduce_zero_label, augment=not args.no_augment)
+    if len(train_set) < args.batch_size * training_args.world_size:  # whole batches only
+        fail(f"{len(train_set)} training images are fewer than one batch (--batch-size {args.batch_size} on "
+             f"{training_args.world_size} process(es))")
     eval_set = SegmentationExamples(eval_pairs, processor, None, args.reduce_zero_label) if evaluate else None
     model.accepts_loss_kwargs = False  # the loss is mmseg's mean over pixels: Trainer leaves it alone
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=processor, compute_metrics=MeanIoU(len(labels)),
-                      preprocess_logits_for_metrics=class_map,
-                      callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+    trainer = SegmentationTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                                  processing_class=processor, compute_metrics=MeanIoU(len(labels)),
+                                  callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
     metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoImageProcessor, TrainerCallback, TrainerState
+from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as transformers_logging
 
@@ -310,6 +310,17 @@ class CompleteCheckpoints(TrainerCallback):
         for old in complete_checkpoints(args.output_dir)[:-self.limit]:
             (old / COMPLETE).unlink()  # first: a removal cut short leaves an incomplete folder, never a marked one
             shutil.rmtree(old)
+
+
+class WarmupTrainer(Trainer):
+    """Trainer whose learning-rate schedule lasts at least one step past its warm-up: transformers' polynomial
+    schedule divides by the steps after the warm-up, and fails (ZeroDivisionError) after the last step where the
+    warm-up takes them all (one step under a 5% warm-up, --warmup-steps equal to the steps). The steps taken get the
+    learning rates of the schedule asked for."""
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        steps = max(num_training_steps, self.args.get_warmup_steps(num_training_steps) + 1)
+        return super().create_scheduler(steps, optimizer)
 
 
 def resume_point(args):

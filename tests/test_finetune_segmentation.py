@@ -3,16 +3,19 @@ pictures (squares and discs of random colours on textured backgrounds), segments
 folder reloads through AutoModelForSemanticSegmentation."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForSemanticSegmentation
+from torchmetrics.classification import MulticlassJaccardIndex
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import finetune_segmentation
 from conftest import model_code, tiny_config
-from kill_and_resume import assert_same_training, kill_twice_then_finish
+from kill_and_resume import assert_same_training, kill_twice_then_finish, run_script
 from mambavision_tools.hub_folder import save_model_folder
 
 CLASSES = ["background", "square", "disc"]
@@ -98,3 +101,69 @@ def test_finetuning_killed_resumes_with_the_same_command(tiny_segmenter, tmp_pat
     assert_same_training(output, uninterrupted, RESUME_RTOL)
     model = AutoModelForSemanticSegmentation.from_pretrained(output, trust_remote_code=True)
     assert [model.config.id2label[i] for i in range(3)] == CLASSES
+
+
+def test_a_warm_up_as_long_as_the_training_finishes(tiny_segmenter, tmp_path):
+    """--warmup-steps equal to the training's steps: transformers' polynomial schedule divided by the steps after the
+    warm-up (ZeroDivisionError after the last step); the run writes its folder, its steps at the warm-up's rates."""
+    train = write_shapes(tmp_path / "train", 4, seed=1)
+    out = tmp_path / "finetuned"
+    finetune_segmentation.main([str(arg) for arg in [
+        "--model", tiny_segmenter, "--train-dir", train, "--output-dir", out, "--max-steps", 2, "--warmup-steps", 2,
+        "--batch-size", 2, "--crop-size", 32, "--learning-rate", 1e-3, "--cpu", "--num-workers", 0,
+        "--logging-steps", 1]])
+    rates = [entry["learning_rate"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+             if "learning_rate" in entry]
+    assert rates == pytest.approx([0.0, 0.5e-3]), rates  # each step's: 0, then half-way up
+
+
+@pytest.mark.parametrize("images, batch, message", [
+    (3, 1, "--batch-size must be at least 2, got 1"),
+    (1, 2, r"1 training images are fewer than one batch \(--batch-size 2 on 1 process\(es\)\)")])
+def test_batches_of_one_crop_are_refused(tiny_segmenter, tmp_path, capsys, images, batch, message):
+    train = write_shapes(tmp_path / "train", images, seed=1)
+    with pytest.raises(SystemExit) as stopped:
+        finetune_segmentation.main([str(arg) for arg in [
+            "--model", tiny_segmenter, "--train-dir", train, "--output-dir", tmp_path / "out", "--max-steps", 1,
+            "--batch-size", batch, "--crop-size", 32, "--cpu", "--num-workers", 0]])
+    assert re.search(message, f"{stopped.value.code} {capsys.readouterr().err}")
+    assert not (tmp_path / "out").exists()
+
+
+def write_sizes(folder, count, seed):
+    """``write_shapes``' pictures cut to a different size each (height 40-56, width 64-40)."""
+    write_shapes(folder, count, seed)
+    for index in range(count):
+        for sub in ("images", "masks"):
+            path = folder / sub / f"{index:03d}.png"
+            Image.open(path).crop((0, 0, 64 - 6 * index, 40 + 4 * index)).save(path)
+    return folder
+
+
+def test_evaluation_on_two_processes_of_images_of_other_sizes(tiny_segmenter, tmp_path):
+    """2 processes (torchrun, gloo) evaluate 5 held-out images of 5 sizes: the mean IoU of the saved model's class
+    maps, image by image in this process, at the processor's size against the masks resized (nearest) to it.
+    Before: Trainer's gather of the class maps aborted; each process evaluated with its own BatchNorm statistics."""
+    train, held_out = write_shapes(tmp_path / "train", 4, seed=1), write_sizes(tmp_path / "val", 5, seed=2)
+    output = tmp_path / "finetuned"
+    run_script("finetune_segmentation", [str(arg) for arg in [
+        "--model", tiny_segmenter, "--train-dir", train, "--eval-dir", held_out, "--output-dir", output,
+        "--max-steps", 1, "--batch-size", 2, "--crop-size", 32, "--no-augment", "--cpu", "--num-workers", 0]],
+        2, tmp_path / "run")
+    model = AutoModelForSemanticSegmentation.from_pretrained(output, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(output, trust_remote_code=True)
+    metric = MulticlassJaccardIndex(len(CLASSES), average="macro", ignore_index=255)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchrun's processes' (OMP_NUM_THREADS=1): the same sums, the same arg max
+    try:
+        for index in range(5):
+            image = Image.open(held_out / "images" / f"{index:03d}.png")
+            mask = torch.from_numpy(np.array(Image.open(held_out / "masks" / f"{index:03d}.png"), dtype=np.int64))
+            with torch.no_grad():
+                logits = model(**processor(image, return_tensors="pt")).logits  # (1, classes, height, width)
+            mask = F.interpolate(mask[None, None].float(), size=logits.shape[2:], mode="nearest")[0].long()
+            metric.update(logits.argmax(dim=1), mask)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = json.loads((output / "all_results.json").read_text())
+    assert metrics["eval_mean_iou"] == metric.compute().item()

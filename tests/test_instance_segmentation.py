@@ -284,3 +284,17 @@ def test_finetune_instance_segmentation_killed_resumes_with_the_same_command(bac
     assert_same_training(output, uninterrupted, RESUME_RTOL)
     results = json.loads((output / "all_results.json").read_text())  # evaluated after the run that trained no more
     assert {"eval_loss", "eval_map", "eval_map_50"} <= results.keys(), results
+
+
+def test_finetune_instance_segmentation_takes_a_single_step(backbone_folder, tmp_path):
+    """--max-steps 1: the 5% warm-up takes the only step, and transformers' polynomial schedule divided by the steps
+    after it (ZeroDivisionError after the step); the run writes its folder."""
+    data = shapes.write_coco_folder(tmp_path / "coco", 2, size=64, seed=3)
+    output = tmp_path / "one-step"
+    finetune_instance_segmentation.main([str(arg) for arg in [
+        "--backbone", backbone_folder, "--train-images", data / "images", "--train-annotations",
+        data / "annotations.json", "--output-dir", output, "--image-size", 64, "--max-size", 64, "--hidden-dim", 32,
+        "--encoder-layers", 1, "--decoder-layers", 2, "--queries", 8, "--train-points", 256, "--max-steps", 1,
+        "--batch-size", 2, "--cpu", "--num-workers", 0, "--logging-steps", 1]])
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and (output / "model.safetensors").is_file()

@@ -19,10 +19,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import (AutoImageProcessor, AutoModel, DeformableDetrImageProcessor, Mask2FormerImageProcessor,
-                          pipeline)
+from transformers import (AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, DeformableDetrImageProcessor,
+                          Mask2FormerImageProcessor, pipeline)
 
-from conftest import ROOT, TINY_ARCHITECTURE, model_code, modeling, tiny_config
+from conftest import ROOT, TINY_ARCHITECTURE, model_code, modeling, randomize_batchnorm, tiny_config
 from convert_checkpoint import main
 from mambavision_tools import hub_folder, publishing
 from mambavision_tools.configs import build_config
@@ -309,6 +309,9 @@ def head_folders(tmp_path_factory):
     labels = dict(enumerate(["background", "square", "disc", "triangle", "star"]))  # tiny_config's 5 classes
     semantic = segmentation.MambaVisionForSemanticSegmentation(
         tiny_config(out_norm=True, image_size=64, id2label=labels, upernet={"hidden_size": 16, "auxiliary_channels": 8}))
+    randomize_batchnorm(semantic)
+    with torch.no_grad():  # several classes per image (the initialised classifier gives one class everywhere)
+        semantic.decode_head.classifier.weight.normal_()
     hub_folder.save_model_folder(semantic.eval(), root / "semantic")
     hub_folder.save_head_folder(tiny_model(), Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
                                 root / "instance")
@@ -367,6 +370,57 @@ def test_segmentation_parameters_are_checked(head_handlers, pictures):
     # Mask2Former's semantic answer: one mask per class present, without scores
     assert {segment["score"] for segment in instance({"inputs": pictures[0], "parameters": {"subtask": "semantic"}})} \
         == {None}
+
+
+SLIDE = {"inference_mode": "slide", "crop_size": [48, 48], "stride": [32, 32]}  # 2x2 crops of the 64x82 image
+
+
+def test_semantic_slide_inference_is_the_models(head_folders, head_handlers, pictures):
+    """``inference_mode: "slide"`` (with ``crop_size`` and ``stride``): the masks of the class map that the folder's
+    processor and model compute in slide mode, scaled back to the image; not the whole-image masks."""
+    folder, handler = head_folders["semantic"], head_handlers["semantic"]
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = opened(pictures[0])
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape[2:] == (64, 82)
+    maps = {}
+    for mode, arguments in (("slide", {"crop_size": (48, 48), "stride": (32, 32)}), ("whole", {})):
+        with torch.no_grad():
+            outputs = model(pixel_values=pixels, inference_mode=mode, **arguments)
+        maps[mode] = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    assert not torch.equal(maps["slide"], maps["whole"])  # the request's mode shows in the answer
+    answer = handler({"inputs": pictures[0], "parameters": SLIDE})
+    classes = maps["slide"].unique().tolist()
+    assert [segment["label"] for segment in answer] == [model.config.id2label[c] for c in classes]
+    for segment, label in zip(answer, classes):
+        np.testing.assert_array_equal(png_mask(segment["mask"]), (maps["slide"] == label).numpy() * 255)
+    assert handler({"inputs": pictures[0], "parameters": {"inference_mode": "whole"}}) == handler(
+        {"inputs": pictures[0]})
+
+
+@pytest.mark.parametrize("parameters, fragment", [
+    ({"inference_mode": "sliding"}, "parameter 'inference_mode' must be one of whole, slide, got 'sliding'"),
+    ({**SLIDE, "crop_size": 48}, "parameter 'crop_size' must be [height, width], two positive integers, got 48"),
+    ({**SLIDE, "stride": [0, 32]}, "parameter 'stride' must be [height, width], two positive integers, got [0, 32]"),
+    ({**SLIDE, "stride": [32, True]}, "parameter 'stride' must be [height, width], two positive integers"),
+    ({"crop_size": [48, 48]}, "parameter 'crop_size' goes with 'inference_mode': 'slide'"),
+    ({"inference_mode": "whole", "stride": [32, 32]}, "parameter 'stride' goes with 'inference_mode': 'slide'"),
+    ({"inference_mode": "slide", "crop_size": [16, 16], "stride": [40, 40]},
+     "stride (40, 40) leaves pixels out of every (16, 16) crop; use a stride no longer than crop_size"),
+])
+def test_slide_parameters_are_checked(parameters, fragment, head_handlers, pictures):
+    with pytest.raises(ValueError) as error:
+        head_handlers["semantic"]({"inputs": pictures[0], "parameters": parameters})
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_slide_parameters_are_the_semantic_models_only(head_handlers, pictures):
+    """Mask2Former's pipeline has no sliding window: refused as the other unknown parameters."""
+    with pytest.raises(ValueError, match=re.escape("unknown parameter 'crop_size' for image-segmentation "
+                                                   "(accepted: threshold, mask_threshold, overlap_mask_area_threshold,"
+                                                   " subtask)")):
+        head_handlers["instance"]({"inputs": pictures[0], "parameters": SLIDE})
 
 
 def test_detection_answers_are_the_pipeline(head_folders, head_handlers, pictures):
