@@ -189,6 +189,15 @@ class SegmentationTrainer(scale_utils.WarmupTrainer):
                 dist.broadcast(buffer, src=0)
         return super().evaluate(*args, **kwargs)
 
+    def get_train_dataloader(self):
+        """Whole batches only, in training alone (``dataloader_drop_last`` would drop held-out images too): UPerNet's
+        pooling module normalises 1x1 maps with BatchNorm, which a last batch of one crop cannot."""
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         if logits is None:

@@ -130,6 +130,17 @@ def test_batches_of_one_crop_are_refused(tiny_segmenter, tmp_path, capsys, image
     assert not (tmp_path / "out").exists()
 
 
+def test_a_last_batch_of_one_crop_is_left_out_of_training(tiny_segmenter, tmp_path):
+    """3 images at batch 2: one whole batch an epoch (a batch of one crop stopped UPerNet's pooling BatchNorm with a
+    traceback at the end of the first epoch)."""
+    train = write_shapes(tmp_path / "train", 3, seed=1)
+    out = tmp_path / "finetuned"
+    finetune_segmentation.main([str(arg) for arg in [
+        "--model", tiny_segmenter, "--train-dir", train, "--output-dir", out, "--epochs", 2, "--batch-size", 2,
+        "--crop-size", 32, "--cpu", "--num-workers", 0]])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def write_sizes(folder, count, seed):
     """``write_shapes``' pictures cut to a different size each (height 40-56, width 64-40)."""
     write_shapes(folder, count, seed)
