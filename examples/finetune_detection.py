@@ -282,7 +282,7 @@ def model_card(args, trainer, template, labels, metrics, eval_images, repo_id, d
         global_batch=targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps)
 
 
-class DetectionTrainer(scale_utils.WarmupTrainer):
+class DetectionTrainer(scale_utils.FineTuningTrainer):
     """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's), whose evaluation
     hands ``compute_metrics`` what ``kept_outputs(outputs, inputs)`` keeps of each batch's outputs and the batch's
     ``EXAMPLE_INDEX``: tensors of one shape on every process, which Trainer gathers across processes (the labels,

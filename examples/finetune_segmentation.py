@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from PIL import Image
@@ -176,18 +175,10 @@ class MeanIoU:
         return {"mean_iou": result}
 
 
-class SegmentationTrainer(scale_utils.WarmupTrainer):
+class SegmentationTrainer(scale_utils.FineTuningTrainer):
     """Trainer whose evaluation hands ``compute_metrics`` each image's class map (the logits' arg max, at the
     labels' size) and labels flattened, (batch, height * width): Trainer pads them to one length across processes
     and gathers them (it pads the second dimension only: maps of images of other widths made its gather abort)."""
-
-    def evaluate(self, *args, **kwargs):
-        """Every process evaluates the model that process 0 saves: DDP gives each training forward process 0's
-        BatchNorm statistics, which each process then updates from its own batch."""
-        if dist.is_available() and dist.is_initialized():
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, src=0)
-        return super().evaluate(*args, **kwargs)
 
     def get_train_dataloader(self):
         """Whole batches only, in training alone (``dataloader_drop_last`` would drop held-out images too): UPerNet's

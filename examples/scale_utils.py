@@ -10,7 +10,7 @@ Fine-tuning (with Trainer) loses no finished work: Trainer saves its state (mode
 step) every ``--save-steps`` into ``<output-dir>-checkpoints``, ``CompleteCheckpoints`` marks each one complete once
 every process has written it and keeps the newest ``--save-total-limit``, and the same command run again resumes
 from the newest complete one (``resume_point``, ``train``); the output folder is written beside and renamed into
-place (``staged_output``), after which the checkpoints go unless ``--keep-checkpoints``. The three fine-tuning
+place (``staged_output``), after which the checkpoints go unless ``--keep-checkpoints``. The four fine-tuning
 scripts use them as::
 
     add_output_arguments(parser); ...; check_output_dir(parser, args)
@@ -19,7 +19,8 @@ scripts use them as::
         with scale_utils.main_process_first():
             ...  # load the data and the model
             checkpoint = scale_utils.resume_point(args)
-        trainer = Trainer(..., callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
+        trainer = scale_utils.FineTuningTrainer(  # or a subclass
+            ..., callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])
         metrics = scale_utils.train(trainer, checkpoint)
         model = scale_utils.trained_model(trainer, model_class)  # every process takes part
         if trainer.is_world_process_zero():
@@ -312,15 +313,26 @@ class CompleteCheckpoints(TrainerCallback):
             shutil.rmtree(old)
 
 
-class WarmupTrainer(Trainer):
-    """Trainer whose learning-rate schedule lasts at least one step past its warm-up: transformers' polynomial
-    schedule divides by the steps after the warm-up, and fails (ZeroDivisionError) after the last step where the
-    warm-up takes them all (one step under a 5% warm-up, --warmup-steps equal to the steps). The steps taken get the
-    learning rates of the schedule asked for."""
+class FineTuningTrainer(Trainer):
+    """The fine-tuning scripts' Trainer: a learning-rate schedule that outlasts its warm-up, and every process
+    evaluating the model that process 0 saves."""
 
     def create_scheduler(self, num_training_steps, optimizer=None):
+        """A schedule at least one step longer than its warm-up: transformers' polynomial schedule divides by the
+        steps after the warm-up, and fails (ZeroDivisionError) after the last step where the warm-up takes them all
+        (one step under a 5% warm-up, --warmup-steps equal to the steps). The steps taken get the learning rates of
+        the schedule asked for."""
         steps = max(num_training_steps, self.args.get_warmup_steps(num_training_steps) + 1)
         return super().create_scheduler(steps, optimizer)
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluation with process 0's buffers (BatchNorm's running statistics) on every process: DDP gives each
+        training forward process 0's, which each process then updates from its own batch, so after training every
+        process would evaluate statistics of its own, not those of the model that process 0 saves."""
+        if dist.is_available() and dist.is_initialized():
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        return super().evaluate(*args, **kwargs)
 
 
 def resume_point(args):
