@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch.distributed.fsdp import FSDPModule
-from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoModelForImageClassification, TrainerCallback, TrainingArguments, set_seed
 
 import scale_utils
 from mambavision_tools import hub_folder, publishing
@@ -427,8 +427,9 @@ def train(args, training_args, evaluate):
     callbacks = [Throughput(global_batch, args.timing_warmup, args.metrics_file)]
     if args.output_dir:
         callbacks.append(scale_utils.CompleteCheckpoints(args.save_total_limit))
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=processor, compute_metrics=accuracy, callbacks=callbacks)
+    trainer = scale_utils.FineTuningTrainer(model=model, args=training_args, train_dataset=train_set,
+                                            eval_dataset=eval_set, processing_class=processor,
+                                            compute_metrics=accuracy, callbacks=callbacks)
     metrics = scale_utils.train(trainer, checkpoint)
     if eval_set is not None:
         metrics.update(trainer.evaluate())

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -100,10 +101,11 @@ def image_tree(tmp_path_factory):
 
 
 def finetune_arguments(model_folder, class_tree, output):
-    """A 4-step fine-tune, checkpointed every 2 steps: 24 images in global batches of 8 (3 steps an epoch)."""
+    """A 4-step fine-tune, checkpointed every 2 steps: 24 images in global batches of 8 (3 steps an epoch); the 6
+    evaluation images in batches of 3 (one a process on 2: Trainer's eval_loss is then their mean)."""
     return [str(arg) for arg in ["--model", model_folder, "--train-dir", class_tree / "train", "--eval-dir",
-                                 class_tree / "val", "--max-steps", 4, "--batch-size", 4, "--no-augment",
-                                 "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
+                                 class_tree / "val", "--max-steps", 4, "--batch-size", 4, "--eval-batch-size", 3,
+                                 "--no-augment", "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
                                  "--timing-warmup", 1, "--save-steps", 2, "--output-dir", output]]
 
 
@@ -146,7 +148,8 @@ def test_finetune_killed_resumes_with_the_same_command(model_folder, class_tree,
 def test_finetune_two_processes_resume_and_match_one(model_folder, class_tree, uninterrupted, tmp_path):
     """2 processes x batch 4 killed while writing their second checkpoint resume with the same command, and
     compute what 1 process x batch 4 x 2 accumulated micro-batches computes uninterrupted (the same global batch
-    of 8, in the same order; BatchNorm normalises each micro-batch of 4 either way)."""
+    of 8, in the same order; BatchNorm normalises each micro-batch of 4 either way); both processes evaluate the
+    model saved (its loss and accuracy computed here; before, each process evaluated its own BatchNorm statistics)."""
     two, checkpoints = tmp_path / "two", tmp_path / "two-checkpoints"
     arguments = finetune_arguments(model_folder, class_tree, two)
     _, steps = run_script("finetune", arguments, 2, tmp_path / "killed", stall_in="checkpoint")
@@ -180,6 +183,12 @@ def test_finetune_two_processes_resume_and_match_one(model_folder, class_tree, u
     with torch.no_grad():
         logits = model(**processor(images, return_tensors="pt")).logits
     assert [top["label"] for top, in predictions] == [CLASSES[i] for i in logits.argmax(-1).tolist()]
+
+    # both processes evaluated the model saved (process 0's BatchNorm statistics): its accuracy and loss here
+    labels = torch.tensor([CLASSES.index(path.parent.name) for path in sorted((class_tree / "val").rglob("*.png"))])
+    results = json.loads((two / "all_results.json").read_text())
+    assert results["eval_accuracy"] == (logits.argmax(-1) == labels).double().mean().item()
+    np.testing.assert_allclose(results["eval_loss"], F.cross_entropy(logits, labels).item(), rtol=LOSS_RTOL)
 
     # it serves itself: handler.py answers as the pipeline does; the widget shows the first evaluation image
     answers = load_handler_module(two).EndpointHandler(str(two))({"inputs": images, "parameters": {"top_k": 1}})
