@@ -21,10 +21,10 @@ except ImportError:
 def is_exporting():
     """True while torch.export traces the model, False under torch.compile and in eager.
 
-    Reads the flag torch.export sets (torch >= 2.4) rather than calling ``torch.compiler.is_exporting()``: until
-    torch 2.12 TorchDynamo answered that call with True under every trace, torch.compile's included, which sent
-    compiled models down the export-only code paths. Earlier torch: False (its exports take the eager window
-    partition, and specialise a one-window level).
+    Reads the flag torch.export sets rather than calling ``torch.compiler.is_exporting()``: TorchDynamo answers that
+    call with True under every trace on torch 2.11, torch.compile's included (torch 2.14 reads the flag), which sent
+    compiled models down the export-only code paths. A torch without the flag: False (its exports take the eager
+    window partition, and specialise a one-window level).
     """
     return getattr(torch.compiler, "_is_exporting_flag", False)
 

@@ -130,8 +130,8 @@ def test_second_resolution_compiles_one_static_graph(model):
 
 def test_export_only_code_runs_under_export_and_never_under_compile(t_windowed, monkeypatch):
     """The window gather is for torch.export alone: torch.compile keeps the eager partition (and the single-window
-    crop of a level's last block). Until torch 2.12 TorchDynamo answered ``torch.compiler.is_exporting()`` with True
-    under every trace, so asking it sent compiled models down the export path."""
+    crop of a level's last block). On torch 2.11 TorchDynamo answers ``torch.compiler.is_exporting()`` with True under
+    every trace, so asking it sent compiled models down the export path."""
     calls = []
     gather = modeling.export_window_partition
     monkeypatch.setattr(modeling, "export_window_partition", lambda *args: calls.append(1) or gather(*args))
