@@ -17,7 +17,6 @@ except ImportError:
     from torch._dynamo import is_compiling
 
 
-
 def is_exporting():
     """True while torch.export traces the model, False under torch.compile and in eager.
 

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 import scale_utils
 from conftest import ROOT
 
+RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
+
 # examples/<script>.py that prints each optimizer step it takes and, as STALL_IN says, stalls (each process) while
 # Trainer writes its second checkpoint (weights and optimizer written; RNG and trainer state not) or while the
 # output folder is written (its weights written, the rest not); it touches $STALLED.<rank> when it does
@@ -136,6 +138,19 @@ def kill_twice_then_finish(script, arguments, output, steps_per_epoch, capsys):
     assert f"resuming from {checkpoints / 'checkpoint-4'} (step 4, {epoch(4)}); training had finished\n" in printed
     assert f"removed {staging.name}, left by an interrupted fine-tuning run" in printed
     assert set(workdir.iterdir()) == before | {workdir / "first", workdir / "second", output}  # checkpoints gone
+
+
+def assert_resumes_as_if_uninterrupted(script, arguments, folder, name, steps_per_epoch, capsys):
+    """examples/<script>.py run uninterrupted in this process into ``folder``/uninterrupted/``name``, then
+    ``kill_twice_then_finish`` into ``folder``/resumed/``name`` (``arguments(output)`` gives each command): the same
+    training, bit for bit. Returns the resumed run's output folder."""
+    uninterrupted = folder / "uninterrupted" / name
+    importlib.import_module(script).main(arguments(uninterrupted))
+    output = folder / "resumed" / name
+    output.parent.mkdir()
+    kill_twice_then_finish(script, arguments(output), output, steps_per_epoch, capsys)
+    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    return output
 
 
 def logged_losses(folder):

@@ -24,7 +24,7 @@ import shapes
 from conftest import (FIXTURES, TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling,
                       needs_shared)
 from convert_checkpoint import main as convert_main
-from kill_and_resume import assert_same_training, kill_twice_then_finish, run_script
+from kill_and_resume import assert_resumes_as_if_uninterrupted, run_script
 from mambavision_tools import variants
 from mambavision_tools.configs import build_config, config_from_architecture
 from mambavision_tools.hub_folder import save_head_folder, save_model_folder
@@ -262,7 +262,6 @@ def test_coco_variant_refuses_other_checkpoints(given, fragments, coco_variant, 
 # measured 0.051 held-out mAP@0.5 (0.019 mAP) and a training loss from 6.0 to 3.4; an untrained head scores ~0.
 # A modest bar: DETR-style heads need far more steps than CI affords to place boxes well.
 MIN_HELD_OUT_MAP50 = 0.03
-RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--d-model", "32", "--layers", "2", "--queries", "8",
                 "--max-steps", "200", "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate",
                 "1e-3", "--num-workers", "0", "--logging-steps", "20", "--cpu"]
@@ -341,12 +340,8 @@ def test_finetune_detection_killed_resumes_with_the_same_command(backbone_folder
                                      "--queries", 8, "--max-steps", 4, "--save-steps", 2, "--batch-size", 2,
                                      "--learning-rate", 1e-3, "--cpu", "--num-workers", 0, "--logging-steps", 1]]
 
-    uninterrupted = tmp_path / "uninterrupted" / "shapes-detector"
-    finetune_detection.main(arguments(uninterrupted))
-    output = tmp_path / "resumed" / "shapes-detector"
-    output.parent.mkdir()
-    kill_twice_then_finish("finetune_detection", arguments(output), output, steps_per_epoch=3, capsys=capsys)
-    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    output = assert_resumes_as_if_uninterrupted("finetune_detection", arguments, tmp_path, "shapes-detector",
+                                                steps_per_epoch=3, capsys=capsys)
     assert AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True).config.id2label == \
         dict(enumerate(shapes.CATEGORIES))
 

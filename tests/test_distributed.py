@@ -30,13 +30,13 @@ import extract_features
 import finetune
 import scale_utils
 from conftest import ROOT, modeling, randomize_batchnorm, tiny_config
-from kill_and_resume import assert_same_training, kill_twice_then_finish, kill_when, logged_losses, run_script
+from kill_and_resume import (RESUME_RTOL, assert_same_training, kill_twice_then_finish, kill_when, logged_losses,
+                             run_script)
 from mambavision_tools import publishing
 from mambavision_tools.hub_folder import save_model_folder
 from test_serving import load_handler_module
 
 LOSS_RTOL = 1e-5  # float32 on the CPU; gradients summed in another order (all-reduce vs accumulation)
-RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 FEATURE_TOL = 1e-5  # float32 on the CPU; batches of other sizes
 CLASSES = ("blue", "green", "red")
 BASE_CARD = "---\nlicense: other\nlicense_name: nvclv1\nlicense_link: https://example.com/license\n---\n# base\n"

@@ -15,14 +15,13 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 import finetune_segmentation
 from conftest import model_code, tiny_config
-from kill_and_resume import assert_same_training, kill_twice_then_finish, run_script
+from kill_and_resume import assert_resumes_as_if_uninterrupted, run_script
 from mambavision_tools.hub_folder import save_model_folder
 
 CLASSES = ["background", "square", "disc"]
 SIZE = 64
 # held-out mean IoU over the three classes: 0.51 measured (12 epochs, ~107 CPU-seconds); after one epoch about 0.3
 MIN_MEAN_IOU = 0.45
-RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 
 
 def shapes_picture(rng):
@@ -93,12 +92,8 @@ def test_finetuning_killed_resumes_with_the_same_command(tiny_segmenter, tmp_pat
                                      "--crop-size", 32, "--no-augment", "--learning-rate", 1e-3, "--cpu",
                                      "--num-workers", 0, "--logging-steps", 1]]
 
-    uninterrupted = tmp_path / "uninterrupted" / "shapes-model"
-    finetune_segmentation.main(arguments(uninterrupted))
-    output = tmp_path / "resumed" / "shapes-model"
-    output.parent.mkdir()
-    kill_twice_then_finish("finetune_segmentation", arguments(output), output, steps_per_epoch=3, capsys=capsys)
-    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    output = assert_resumes_as_if_uninterrupted("finetune_segmentation", arguments, tmp_path, "shapes-model",
+                                                steps_per_epoch=3, capsys=capsys)
     model = AutoModelForSemanticSegmentation.from_pretrained(output, trust_remote_code=True)
     assert [model.config.id2label[i] for i in range(3)] == CLASSES
 

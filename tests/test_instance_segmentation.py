@@ -17,7 +17,7 @@ import instance_segmentation_worker
 import shapes
 from conftest import (TINY_ARCHITECTURE, assert_close_relative, configuration, model_code, modeling, needs_shared,
                       randomize_batchnorm)
-from kill_and_resume import assert_same_training, kill_twice_then_finish
+from kill_and_resume import assert_resumes_as_if_uninterrupted
 from mambavision_tools.configs import config_from_architecture
 from mambavision_tools.hub_folder import save_head_folder, save_model_folder
 from mambavision_tools.mmlab import split_backbone
@@ -216,7 +216,6 @@ def test_fresh_process_reload_and_pipeline(row, saved, rows):
 # 0.000. It trains in 5-7 s on one thread (150 steps with 3 decoder layers: 9-11 s for mAP@0.5 0.35-0.45).
 MIN_HELD_OUT_MASK_MAP50 = 0.15
 MAX_LOSS_RATIO = 0.8  # the last logged training loss over the first
-RESUME_RTOL = 0  # the same computation in the same order: a resumed run is the uninterrupted one, bit for bit
 LEARNING_RUN = ["--image-size", "64", "--max-size", "64", "--hidden-dim", "32", "--encoder-layers", "1",
                 "--decoder-layers", "2", "--queries", "8", "--train-points", "256", "--max-steps", "100",
                 "--batch-size", "4", "--learning-rate", "1e-3", "--backbone-learning-rate", "1e-3",
@@ -275,13 +274,8 @@ def test_finetune_instance_segmentation_killed_resumes_with_the_same_command(bac
                                      "--save-steps", 2, "--batch-size", 2, "--learning-rate", 1e-3, "--cpu",
                                      "--num-workers", 0, "--logging-steps", 1]]
 
-    uninterrupted = tmp_path / "uninterrupted" / "shapes-instances"
-    finetune_instance_segmentation.main(arguments(uninterrupted))
-    output = tmp_path / "resumed" / "shapes-instances"
-    output.parent.mkdir()
-    kill_twice_then_finish("finetune_instance_segmentation", arguments(output), output, steps_per_epoch=3,
-                           capsys=capsys)
-    assert_same_training(output, uninterrupted, RESUME_RTOL)
+    output = assert_resumes_as_if_uninterrupted("finetune_instance_segmentation", arguments, tmp_path,
+                                                "shapes-instances", steps_per_epoch=3, capsys=capsys)
     results = json.loads((output / "all_results.json").read_text())  # evaluated after the run that trained no more
     assert {"eval_loss", "eval_map", "eval_map_50"} <= results.keys(), results
 
