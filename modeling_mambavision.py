@@ -734,6 +734,22 @@ class HeadOnMambaVisionBackbone:
                             if isinstance(child, MambaVisionBackbone))
         setattr(parent, name, MambaVisionBackbone(config.backbone_config))
 
+    def tie_weights(self, *args, **kwargs):
+        """transformers >= 5 ties a head's repeated modules (Deformable DETR's ``class_embed`` and ``bbox_embed``) as
+        distinct modules sharing parameters; inductor's ``freezing_discard_parameters`` then erases each module's
+        copy separately and TorchDynamo's aliasing guard fails in the compiling call. Each list entry whose parameters
+        are all the first entry's becomes the first entry, as transformers 4.x builds them: one object, same numbers."""
+        tied = super().tie_weights(*args, **kwargs)
+        for modules in [m for m in self.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]:
+            first = list(modules[0].parameters())
+            for index in range(1, len(modules)):
+                entry = modules[index]
+                shared = list(entry.parameters())
+                if (entry is not modules[0] and type(entry) is type(modules[0]) and first and len(shared) == len(first)
+                        and all(a is b for a, b in zip(shared, first)) and not list(entry.buffers())):
+                    modules[index] = modules[0]
+        return tied
+
     @classmethod
     def from_backbone(cls, pretrained, **config_kwargs):
         """A new model on the weights of a MambaVision folder or Hub id (a converted classifier or COCO backbone,

@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import torch._inductor.config
 from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 from transformers import AutoModelForObjectDetection, DeformableDetrImageProcessor, pipeline
@@ -376,3 +377,23 @@ def test_finetune_detection_evaluates_on_two_processes(backbone_folder, tmp_path
     metrics = json.loads((output / "all_results.json").read_text())
     assert expected["eval_map"] > 0
     assert {name: metrics[name] for name in expected} == pytest.approx(expected, rel=1e-6)
+
+
+def test_tied_heads_compile_with_frozen_and_discarded_parameters(monkeypatch):
+    """The README's inference recipe (inductor freezing, parameters discarded) on the detector's repeated heads:
+    transformers 5.x ties them as distinct modules sharing parameters, which the discarding erased one module at a
+    time, failing TorchDynamo's aliasing guard in the compiling call ("Guard failed on the same frame it was
+    created"). The heads' frame alone, compiled: the eager values."""
+    model = tiny_detector()
+    hidden = torch.randn(2, 3, model.config.d_model)
+
+    def heads(h):
+        return torch.stack([c(h).sum() + b(h).sum() for c, b in zip(model.class_embed, model.bbox_embed)])
+
+    with torch.no_grad():
+        expected = heads(hidden)
+        monkeypatch.setattr(torch._inductor.config, "freezing", True)
+        monkeypatch.setattr(torch._inductor.config, "freezing_discard_parameters", True)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(heads)(hidden), expected)
+    torch._dynamo.reset()
