@@ -423,8 +423,6 @@ def dense_case(args, case, build_model, compile_mode):
     model = build_model(case).cuda().to(memory_format=torch.channels_last)
     pixels = torch.randn(case.batch, 3, case.height, case.width, device="cuda").to(memory_format=torch.channels_last)
     compiled = compile_mode != "eager"
-    if args.static_input and compiled:  # CUDA graphs read this tensor in place instead of copying it into their pool
-        torch._dynamo.mark_static_address(pixels)
     torch._inductor.config.freezing = freezing = args.freezing and compiled
     torch._inductor.config.freezing_discard_parameters = discard = args.discard_parameters and freezing
     torch._inductor.config.allow_buffer_reuse = reuse = not args.no_buffer_reuse
@@ -453,8 +451,7 @@ def dense_case(args, case, build_model, compile_mode):
     return {"variant": case.name, "mode": "infer", "batch": case.batch, "size": f"{case.height}x{case.width}",
             "dtype": "bf16", "scan": "triton",
             "compile": compile_mode + ("+freezing" if freezing else "") + ("+discard" if discard else "")
-            + ("" if reuse or not compiled else "+no-reuse") + ("+static-input" if args.static_input and compiled else ""),
-            "ms": ms,
+            + ("" if reuse or not compiled else "+no-reuse"), "ms": ms,
             "img_s": case.batch * 1e3 / ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_s": first_s}
 
 
@@ -680,9 +677,6 @@ def main(argv=None):
     parser.add_argument("--no-buffer-reuse", action="store_true",
                         help="--segmentation/--detection: inductor frees each buffer at its last use instead of keeping "
                              "it for a later one of the same size (allow_buffer_reuse=False)")
-    parser.add_argument("--static-input", action="store_true",
-                        help="--segmentation/--detection: mark the input's address static, so CUDA graphs read it in "
-                             "place (a serving loop that copies each batch into one buffer) instead of copying it")
     parser.add_argument("--memory-trace", action="store_true",
                         help="--segmentation/--detection: print what is allocated at each case's peak (allocator trace)")
     args = parser.parse_args(argv)
