@@ -379,7 +379,7 @@ def test_finetune_detection_evaluates_on_two_processes(backbone_folder, tmp_path
     assert {name: metrics[name] for name in expected} == pytest.approx(expected, rel=1e-6)
 
 
-def test_tied_heads_compile_with_frozen_and_discarded_parameters(monkeypatch):
+def test_tied_heads_compile_with_frozen_and_discarded_parameters():
     """The README's inference recipe (inductor freezing, parameters discarded) on the detector's repeated heads:
     transformers 5.x ties them as distinct modules sharing parameters, which the discarding erased one module at a
     time, failing TorchDynamo's aliasing guard in the compiling call ("Guard failed on the same frame it was
@@ -390,10 +390,8 @@ def test_tied_heads_compile_with_frozen_and_discarded_parameters(monkeypatch):
     def heads(h):
         return torch.stack([c(h).sum() + b(h).sum() for c, b in zip(model.class_embed, model.bbox_embed)])
 
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, freezing_discard_parameters=True):
         expected = heads(hidden)
-        monkeypatch.setattr(torch._inductor.config, "freezing", True)
-        monkeypatch.setattr(torch._inductor.config, "freezing_discard_parameters", True)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(heads)(hidden), expected)
     torch._dynamo.reset()
