@@ -323,6 +323,10 @@ def add_arguments(parser, learning_rate, backbone_learning_rate, weight_decay):
     parser.add_argument("--epochs", type=float, default=50, help="training epochs (default: 50)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4, help="images per process and step (default: 4)")
+    parser.add_argument("--eval-batch-size", type=int,
+                        help="evaluation images per process and batch (default: --batch-size); 1 scores each image "
+                             "as the pipeline does: a batch is padded to its largest image, and MambaVision's windows "
+                             "carry that padding into every image's features")
     parser.add_argument("--learning-rate", type=float, default=learning_rate,
                         help=f"head learning rate (default: {learning_rate})")
     parser.add_argument("--backbone-learning-rate", type=float, default=backbone_learning_rate,
@@ -340,6 +344,9 @@ def check_arguments(parser, args):
     """Refuse what ``add_arguments``' arguments cannot be, before any training."""
     if bool(args.eval_images) != bool(args.eval_annotations):
         parser.error("--eval-images and --eval-annotations go together")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     scale_utils.check_output_dir(parser, args)
 
 
@@ -381,7 +388,8 @@ def training_arguments(args, **fields):
     use_cpu = args.cpu or not torch.cuda.is_available()
     return TrainingArguments(
         **scale_utils.checkpointing(args), num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_steps=0.05, bf16=not use_cpu,
         use_cpu=use_cpu, seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers,
         remove_unused_columns=False, eval_strategy="no", batch_eval_metrics=True, logging_steps=args.logging_steps,

@@ -347,19 +347,34 @@ def test_finetune_detection_killed_resumes_with_the_same_command(backbone_folder
         dict(enumerate(shapes.CATEGORIES))
 
 
+def widen_every_other_image(folder, width):
+    """Paste every other image of a generated COCO folder on a wider canvas (its boxes stay where they were)."""
+    coco = json.loads((folder / "annotations.json").read_text())
+    for record in coco["images"][1::2]:
+        path = folder / "images" / record["file_name"]
+        image = Image.open(path).convert("RGB")
+        canvas = Image.new("RGB", (width, image.height), image.getpixel((0, 0)))
+        canvas.paste(image, (0, 0))
+        canvas.save(path)
+        record["width"] = width
+    (folder / "annotations.json").write_text(json.dumps(coco))
+
+
 def test_finetune_detection_evaluates_on_two_processes(backbone_folder, tmp_path):
-    """2 processes (torchrun, gloo) evaluate 7 held-out images, 2 a batch each (accelerate repeats an image to fill
-    the last batch): the box mAP of the saved detector's detections, image by image in this process, at each image's
-    size (Trainer gathered each process's per-image labels into an abort before)."""
+    """2 processes (torchrun, gloo) evaluate 7 held-out images of two sizes one at a time (``--eval-batch-size 1``;
+    accelerate repeats an image to fill the last round): the box mAP of the saved detector's detections, image by
+    image in this process, at each image's size (Trainer gathered each process's per-image labels into an abort
+    before). In batches, padding to the wider images changed the narrower ones' features and so the mAP."""
     data = shapes.write_coco_folder(tmp_path / "coco", 4, size=96, seed=3)
     held_out = shapes.write_coco_folder(tmp_path / "held_out", 7, size=96, seed=4)
+    widen_every_other_image(held_out, 112)
     output = tmp_path / "detector"
     run_script("finetune_detection", [str(arg) for arg in [
         "--backbone", backbone_folder, "--train-images", data / "images", "--train-annotations",
         data / "annotations.json", "--eval-images", held_out / "images", "--eval-annotations",
-        held_out / "annotations.json", "--output-dir", output, "--image-size", 96, "--max-size", 96, "--d-model", 32,
-        "--layers", 2, "--queries", 8, "--max-steps", 2, "--batch-size", 2, "--cpu", "--num-workers", 0]],
-        2, tmp_path / "run")
+        held_out / "annotations.json", "--output-dir", output, "--image-size", 96, "--max-size", 112, "--d-model", 32,
+        "--layers", 2, "--queries", 8, "--max-steps", 2, "--batch-size", 2, "--eval-batch-size", 1, "--cpu",
+        "--num-workers", 0]], 2, tmp_path / "run")
     model = AutoModelForObjectDetection.from_pretrained(output, trust_remote_code=True).eval()
     processor = DeformableDetrImageProcessor.from_pretrained(output)
     coco = json.loads((held_out / "annotations.json").read_text())
@@ -395,3 +410,12 @@ def test_tied_heads_compile_with_frozen_and_discarded_parameters():
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(heads)(hidden), expected)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--eval-batch-size"])
+def test_finetune_detection_refuses_batches_of_no_images(option, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune_detection.parse_arguments(["--backbone", "b", "--train-images", "i", "--train-annotations", "a.json",
+                                            "--output-dir", str(tmp_path / "out"), option, "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: {option} must be at least 1, got 0"), err
