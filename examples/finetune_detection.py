@@ -286,11 +286,15 @@ class DetectionTrainer(scale_utils.FineTuningTrainer):
     """Trainer with the backbone at its own learning rate (DETR practice: a tenth of the head's), whose evaluation
     hands ``compute_metrics`` what ``kept_outputs(outputs, inputs)`` keeps of each batch's outputs and the batch's
     ``EXAMPLE_INDEX``: tensors of one shape on every process, which Trainer gathers across processes (the labels,
-    a list of each image's objects, it cannot)."""
+    a list of each image's objects, it cannot).
 
-    def __init__(self, *args, backbone_learning_rate, kept_outputs, **kwargs):
+    ``object_count(inputs)`` (optional) counts a batch's objects, for a loss that transformers normalises by the
+    count of all processes' objects, with its multi-process bug undone (``loss_scale``)."""
+
+    def __init__(self, *args, backbone_learning_rate, kept_outputs, object_count=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backbone_learning_rate, self.kept_outputs = backbone_learning_rate, kept_outputs
+        self.object_count = object_count
 
     def create_optimizer(self, *args, **kwargs):
         backbone = {id(parameter) for parameter in self.model.backbone.parameters()}
@@ -303,7 +307,23 @@ class DetectionTrainer(scale_utils.FineTuningTrainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs.pop(EXAMPLE_INDEX, None)  # for evaluation, not the model
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        scale = self.loss_scale(inputs)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if scale == 1.0:
+            return result
+        return (result[0] * scale, *result[1:]) if isinstance(result, tuple) else result * scale
+
+    def loss_scale(self, inputs):
+        """transformers' DETR-family losses divide by the processes' mean object count (accelerate's ``reduce``)
+        divided by the world size once more, clamped at 1: on N processes about N times DETR's loss, whose
+        normaliser is each process's share of all objects (every release of 4.40 to 5.x). The factor that restores
+        DETR's (so N processes train and evaluate as one with the same global batch); 1 on one process."""
+        processes = self.args.world_size
+        if processes == 1 or self.object_count is None:
+            return 1.0
+        total = torch.tensor(float(self.object_count(inputs)), device=self.args.device)
+        torch.distributed.all_reduce(total)
+        return max(total.item() / processes**2, 1.0) / max(total.item() / processes, 1.0)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -415,6 +435,7 @@ def train(args, training_args):
         model=model, args=training_args, train_dataset=Numbered(train_set),
         eval_dataset=Numbered(eval_set) if eval_set is not None else None,
         data_collator=NumberedCollator(Collator(processor)), kept_outputs=detection_outputs,
+        object_count=lambda inputs: sum(len(target["class_labels"]) for target in inputs["labels"]),
         compute_metrics=AveragePrecision("bbox", compare_boxes(processor, eval_set)),
         backbone_learning_rate=args.backbone_learning_rate,
         callbacks=[scale_utils.CompleteCheckpoints(args.save_total_limit)])

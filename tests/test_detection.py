@@ -419,3 +419,24 @@ def test_finetune_detection_refuses_batches_of_no_images(option, tmp_path, capsy
                                             "--output-dir", str(tmp_path / "out"), option, "0"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(f"error: {option} must be at least 1, got 0"), err
+
+
+def test_finetune_detection_loss_does_not_grow_with_processes(backbone_folder, tmp_path):
+    """transformers' DETR-family losses average the processes' object counts (accelerate's ``reduce``, a mean) and
+    then divide by the world size again: N times the loss on N processes. With the weights held (learning rates 0),
+    2 processes evaluating one image each must report the eval loss of 1 process evaluating the same pairs."""
+    data = shapes.write_coco_folder(tmp_path / "coco", 4, size=96, seed=3)
+    held_out = shapes.write_coco_folder(tmp_path / "held_out", 6, size=96, seed=4)
+    results = {}
+    for processes, eval_batch in ((1, 2), (2, 1)):
+        output = tmp_path / f"detector_{processes}"
+        run_script("finetune_detection", [str(arg) for arg in [
+            "--backbone", backbone_folder, "--train-images", data / "images", "--train-annotations",
+            data / "annotations.json", "--eval-images", held_out / "images", "--eval-annotations",
+            held_out / "annotations.json", "--output-dir", output, "--image-size", 96, "--max-size", 96,
+            "--d-model", 32, "--layers", 2, "--queries", 8, "--max-steps", 1, "--batch-size", 2, "--eval-batch-size",
+            eval_batch, "--learning-rate", 0, "--backbone-learning-rate", 0, "--cpu", "--num-workers", 0]],
+            processes, tmp_path / f"run_{processes}")
+        results[processes] = json.loads((output / "all_results.json").read_text())
+    assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-5)
+    assert results[2]["eval_map"] == pytest.approx(results[1]["eval_map"], rel=1e-6)
