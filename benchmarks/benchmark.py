@@ -80,7 +80,7 @@ TARGETS = [
     Target("T", "infer", 256, "reduce-overhead", 28_700, 14_333, "eager", **INFER,
            ablations=("cuda_graphs", "freezing", "scan_config")),
     Target("S", "infer", 256, "reduce-overhead", 23_100, 11_539, "compiled", **INFER, ablations=("freezing",)),
-    Target("B", "infer", 256, "reduce-overhead", 14_100, 9_414, "compiled", **INFER, ablations=("freezing")),
+    Target("B", "infer", 256, "reduce-overhead", 14_100, 9_414, "compiled", **INFER, ablations=("freezing",)),
     Target("L2-512", "infer", 32, "reduce-overhead", 1_045, 697, "compiled", 2.53, "compiled", **INFER,
            ablations=("discard_parameters", "head_padding", "channel_padding")),
     Target("L3-512", "infer", 32, "reduce-overhead", 642, 428, "compiled", 3.88, "compiled", **INFER,
