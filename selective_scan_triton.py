@@ -35,7 +35,12 @@ LONG_SEQUENCE, LONG_INFER_CONFIG, MIN_PROGRAMS = 1024, (4, 32, 1), 1024
 # 112x112 window) 12 splits at (4, 32, 1) took 546 us against 788 unsplit for T's 8 x 160 channels, 813 against 859
 # for B's 8 x 256.
 SPLIT_FROM, SPLIT_CONFIG = 8192, (4, 32, 1, 12)
-TRAIN_CONFIG = (16, 4, 2)  # the backward pass reads states saved at this chunk length
+# Training: the forward saves the state entering each chunk of TRAIN_CONFIG's length, and the backward reads them at
+# its own channel block and warps. H200, graph-captured (benchmarks/NOTES.md, 2026-12-04, fifth session), at B's
+# level 2 at batch 128: forward 135 us at (16, 4, 1) against 169 at (16, 4, 2), backward 358 at (8, 1) against 448
+# at (16, 2); one warp wins because the chunk's scans and sums then stay within a warp's shuffles
+TRAIN_CONFIG = (16, 4, 1)
+BACKWARD_CONFIG = (8, 1)  # (channels per program, warps) of the backward pass, at TRAIN_CONFIG's chunk length
 
 
 def infer_config(batch, dim, length):
@@ -61,21 +66,36 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, pid_b, offs_d, mask_d, t, mask_t, offs_n,
-                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l):
-    """One chunk's inputs in float32: u, raw delta, delta, B, C, the decay a and the drive b = delta u B."""
+def _load_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, offs_d, mask_d, t, mask_t, offs_n,
+                 su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l):
+    """One chunk's u and raw delta (CHUNK, BLOCK_D) and B, C (CHUNK, N), as stored."""
     mask = mask_t[:, None] & mask_d[None, :]
-    u = tl.load(u_ptr + pid_b * su_b + offs_d[None, :] * su_d + t[:, None] * su_l, mask=mask, other=0.0).to(tl.float32)
-    raw = tl.load(delta_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d + t[:, None] * sdt_l, mask=mask,
-                  other=0.0).to(tl.float32) + bias[None, :]
+    u = tl.load(u_ptr + pid_b * su_b + offs_d[None, :] * su_d + t[:, None] * su_l, mask=mask, other=0.0)
+    raw = tl.load(delta_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d + t[:, None] * sdt_l, mask=mask, other=0.0)
+    B = tl.load(B_ptr + pid_b * sB_b + offs_n[None, :] * sB_n + t[:, None] * sB_l, mask=mask_t[:, None], other=0.0)
+    C = tl.load(C_ptr + pid_b * sC_b + offs_n[None, :] * sC_n + t[:, None] * sC_l, mask=mask_t[:, None], other=0.0)
+    return u, raw, B, C
+
+
+@triton.jit
+def _chunk_terms(u, raw, B, C, bias, A, mask):
+    """A chunk's loaded inputs in float32 (u, raw delta + bias, delta, B, C), the decay a and the drive
+    b = delta u B."""
+    u, B, C = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32)
+    raw = raw.to(tl.float32) + bias[None, :]
     delta = tl.where(mask, _softplus(raw), 0.0)  # (CHUNK, BLOCK_D)
-    B = tl.load(B_ptr + pid_b * sB_b + offs_n[None, :] * sB_n + t[:, None] * sB_l, mask=mask_t[:, None],
-                other=0.0).to(tl.float32)  # (CHUNK, N)
-    C = tl.load(C_ptr + pid_b * sC_b + offs_n[None, :] * sC_n + t[:, None] * sC_l, mask=mask_t[:, None],
-                other=0.0).to(tl.float32)
     a = tl.exp(delta[:, :, None] * A[None, :, :])  # (CHUNK, BLOCK_D, N); 1 where masked: state carries over
     b = (delta * u)[:, :, None] * B[:, None, :]
     return u, raw, delta, B, C, a, b
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, pid_b, offs_d, mask_d, t, mask_t, offs_n,
+                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l):
+    """One chunk's inputs and terms (``_chunk_terms``)."""
+    u, raw, B, C = _load_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, offs_d, mask_d, t, mask_t, offs_n,
+                                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l)
+    return _chunk_terms(u, raw, B, C, bias, A, mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -147,16 +167,38 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, pid_b, offs_d, mask_d, chunk, rows, offs_n, L, dim,
+               su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+               N: tl.constexpr, CHUNK_L: tl.constexpr):
+    """What the backward pass reads for ``chunk`` (nothing where it is -1), as stored: u, raw delta, B, C, dy, the
+    raw delta one step later, and the state entering the chunk."""
+    t = chunk * CHUNK_L + rows
+    mask_t = (t < L) & (chunk >= 0)
+    mask = mask_t[:, None] & mask_d[None, :]
+    u, raw, B, C = _load_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, offs_d, mask_d, t, mask_t, offs_n,
+                                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l)
+    dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d[None, :] * sdy_d + t[:, None] * sdy_l, mask=mask, other=0.0)
+    next_mask = (t + 1 < L)[:, None] & mask
+    raw_next = tl.load(delta_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d + (t[:, None] + 1) * sdt_l,
+                       mask=next_mask, other=0.0)
+    num_chunks = tl.cdiv(L, CHUNK_L)
+    state = tl.load(states_ptr + ((pid_b * dim + offs_d[:, None]) * num_chunks + chunk) * N + offs_n[None, :],
+                    mask=mask_d[:, None] & (chunk >= 0), other=0.0)
+    return u, raw, B, C, dy, raw_next, state
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, L, dim,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+    sdu_b, sdu_d, sdu_l, sddt_b, sddt_d, sddt_l,
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_L: tl.constexpr,
 ):
     """Gradients of one (sequence, channel block); per-program partial sums for the shared tensors.
 
-    du, ddelta: (batch, dim, L) float32. dB, dC: (batch, dim_blocks, N, L). dA: (batch, dim, N).
-    dD, dbias: (batch, dim).
+    du, ddelta: u's and delta's dtypes, any strides. Float32 partial sums: dB, dC (batch, dim_blocks, N, L),
+    dA (batch, dim, N), dD and dbias (batch, dim).
     """
     pid_b, pid_d = tl.program_id(0), tl.program_id(1)
     offs_d, mask_d, offs_n, rows, A, D, bias = _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N, BLOCK, CHUNK_L)
@@ -165,25 +207,27 @@ def _scan_bwd_kernel(
     dA = tl.zeros((BLOCK, N), dtype=tl.float32)
     dD = tl.zeros((BLOCK,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK,), dtype=tl.float32)
+    # the last chunk's loads; each step then loads the chunk before its own, in flight while it computes (the
+    # backward is bound by its serial walk: H200, B's level 2 at batch 128, 358 us against 400 loading at the step)
+    u_in, raw_in, B_in, C_in, dy_in, raw_next_in, state = _bwd_loads(
+        u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, pid_b, offs_d, mask_d, num_chunks - 1, rows, offs_n, L,
+        dim, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l, N, CHUNK_L)
     for step in range(num_chunks):
         chunk = num_chunks - 1 - step
         t = chunk * CHUNK_L + rows
         mask_t = t < L
         mask = mask_t[:, None] & mask_d[None, :]
-        u, raw, delta, B, C, a, b = _load_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias, A, pid_b, offs_d, mask_d, t, mask_t, offs_n,
-            su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l)
-        state = tl.load(states_ptr + ((pid_b * dim + offs_d[:, None]) * num_chunks + chunk) * N + offs_n[None, :],
-                        mask=mask_d[:, None], other=0.0)
+        next_mask = (t + 1 < L)[:, None] & mask_d[None, :]
+        u, raw, delta, B, C, a, b = _chunk_terms(u_in, raw_in, B_in, C_in, bias, A, mask)
+        dy = dy_in.to(tl.float32)
+        delta_next = tl.where(next_mask, _softplus(raw_next_in.to(tl.float32) + bias[None, :]), 0.0)
         decay, h = tl.associative_scan((a, b), axis=0, combine_fn=_compose)
         h = h + decay * state[None, :, :]
+        u_in, raw_in, B_in, C_in, dy_in, raw_next_in, state = _bwd_loads(  # chunk -1 loads nothing
+            u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, pid_b, offs_d, mask_d, chunk - 1, rows, offs_n, L,
+            dim, su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+            N, CHUNK_L)
         # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, a reverse scan of the steps (a_{t+1}, C_t dy_t)
-        dy = tl.load(dy_ptr + pid_b * sdy_b + offs_d[None, :] * sdy_d + t[:, None] * sdy_l, mask=mask,
-                     other=0.0).to(tl.float32)
-        next_mask = (t + 1 < L)[:, None] & mask_d[None, :]
-        raw_next = tl.load(delta_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d + (t[:, None] + 1) * sdt_l,
-                           mask=next_mask, other=0.0).to(tl.float32) + bias[None, :]
-        delta_next = tl.where(next_mask, _softplus(raw_next), 0.0)
         a_next = tl.where(next_mask[:, :, None], tl.exp(delta_next[:, :, None] * A[None, :, :]), 0.0)
         carried, g = tl.associative_scan((a_next, dy[:, :, None] * C[:, None, :]), axis=0, combine_fn=_compose,
                                          reverse=True)
@@ -196,9 +240,10 @@ def _scan_bwd_kernel(
         dA += tl.sum(g * decayed * delta[:, :, None], axis=0)
         dD += tl.sum(dy * u, axis=0)
         dbias += tl.sum(draw, axis=0)
-        out = pid_b * dim * L + offs_d[None, :] * L + t[:, None]
-        tl.store(du_ptr + out, du, mask=mask)
-        tl.store(ddelta_ptr + out, draw, mask=mask)
+        tl.store(du_ptr + pid_b * sdu_b + offs_d[None, :] * sdu_d + t[:, None] * sdu_l,
+                 du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + pid_b * sddt_b + offs_d[None, :] * sddt_d + t[:, None] * sddt_l,
+                 draw.to(ddelta_ptr.dtype.element_ty), mask=mask)
         part = ((pid_b * tl.num_programs(1) + pid_d) * N + offs_n[None, :]) * L + t[:, None]  # (CHUNK, N)
         tl.store(dB_ptr + part, tl.sum(g * (delta * u)[:, :, None], axis=1), mask=mask_t[:, None])
         tl.store(dC_ptr + part, tl.sum(h * dy[:, :, None], axis=1), mask=mask_t[:, None])
@@ -242,12 +287,33 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, config, states=None):
     return y
 
 
+def _backward_outputs(u, delta, A, B):
+    """The backward op's outputs, empty: du and ddelta in u's and delta's dtypes as (batch, dim, L) views of
+    (batch, L, dim) tokens, the mixer's layout (fixed: the compiler may hand the op other input strides than it
+    traced), then float32 partial sums."""
+    batch, dim, length = u.shape
+    n, blocks = A.shape[1], triton.cdiv(dim, BACKWARD_CONFIG[0])
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta = (u.new_empty(batch, length, dim, dtype=t.dtype).transpose(1, 2) for t in (u, delta))
+    return [du, ddelta, torch.empty(batch, dim, n, **f32),
+            torch.empty(batch, blocks, n, length, **f32), torch.empty(batch, blocks, n, length, **f32),
+            torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)]
+
+
+# The ops' names carry a revision, raised whenever what the backward op returns changes: torch's on-disk compile cache
+# keys a compiled training graph on the forward graph, where only the forward op's name appears, so a cache written
+# by an earlier revision of this file would replay its backward against this one's op (seen on the H200: "expected
+# stride 1==49" in the backward op after the partial sums moved out of it)
+OP_REVISION = 2
+FORWARD_OP, BACKWARD_OP = f"selective_scan_fwd_r{OP_REVISION}", f"selective_scan_bwd_r{OP_REVISION}"
+
+
 def _register_ops():
     """Define the forward/backward custom ops once per process (this file may be imported twice)."""
-    if hasattr(torch.ops.mambavision, "selective_scan_fwd"):
-        return torch.ops.mambavision.selective_scan_fwd
+    if hasattr(torch.ops.mambavision, FORWARD_OP):
+        return getattr(torch.ops.mambavision, FORWARD_OP)
 
-    @torch.library.custom_op("mambavision::selective_scan_fwd", mutates_args=())
+    @torch.library.custom_op(f"mambavision::{FORWARD_OP}", mutates_args=())
     def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor, delta_bias: torch.Tensor, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
         batch, dim, length = u.shape
@@ -263,37 +329,35 @@ def _register_ops():
         return torch.empty_like(u), u.new_empty(
             u.shape[0], u.shape[1], chunks, A.shape[1], dtype=torch.float32)
 
-    @torch.library.custom_op("mambavision::selective_scan_bwd", mutates_args=())
+    @torch.library.custom_op(f"mambavision::{BACKWARD_OP}", mutates_args=())
     def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
-        batch, dim, length = u.shape
-        n = A.shape[1]
-        block, chunk, warps = TRAIN_CONFIG
-        grid = _grid(batch, dim, block)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        du, ddelta = torch.empty(batch, dim, length, **f32), torch.empty(batch, dim, length, **f32)
-        dA, dD, dbias = torch.empty(batch, dim, n, **f32), torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
-        dB, dC = torch.empty(batch, grid[1], n, length, **f32), torch.empty(batch, grid[1], n, length, **f32)
+        """du and ddelta, then float32 partial sums of the other gradients (``_backward`` reduces them, in the
+        traced graph where the compiler can fuse the sums with their consumers)."""
+        grads = _backward_outputs(u, delta, A, B)
+        du, ddelta, dA, dB, dC, dD, dbias = grads
+        block, warps = BACKWARD_CONFIG
         with _on_device(u):
-            _scan_bwd_kernel[grid](
+            _scan_bwd_kernel[_grid(*u.shape[:2], block)](
                 u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), dy, states,
-                du, ddelta, dA, dB, dC, dD, dbias, length, dim,
-                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                N=n, BLOCK=block, CHUNK_L=chunk, num_warps=warps)
-        return [du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
-                dC.sum(1).to(C.dtype), dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype)]
+                du, ddelta, dA, dB, dC, dD, dbias, u.shape[2], u.shape[1],
+                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), *du.stride(), *ddelta.stride(),
+                N=A.shape[1], BLOCK=block, CHUNK_L=TRAIN_CONFIG[1], num_warps=warps)
+        return grads
 
     @_scan_bwd.register_fake
     def _(u, delta, A, B, C, D, delta_bias, states, dy):
-        return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias)]  # contiguous, as computed
+        return _backward_outputs(u, delta, A, B)
 
     def _setup_context(ctx, inputs, output):
         u, delta, A, B, C, D, delta_bias, _ = inputs
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
 
     def _backward(ctx, grad_y, _grad_states):
-        grads = _scan_bwd(*ctx.saved_tensors, grad_y)
-        return (*grads, None)
+        u, delta, A, B, C, D, delta_bias, _ = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dbias = _scan_bwd(*ctx.saved_tensors, grad_y)
+        return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                dD.sum(0).to(D.dtype), dbias.sum(0).to(delta_bias.dtype), None)
 
     _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
     return _scan_fwd

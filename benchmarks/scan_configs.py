@@ -1,9 +1,11 @@
 """Time the Triton selective scan over launch configurations at MambaVision's shapes (CUDA).
 
 Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
-inference forward and for forward + backward, so INFER_CONFIG / TRAIN_CONFIG can be chosen from data.
-The inference forward runs at the split count ``infer_config`` gives the shape (column "rule"), or at each of ``--splits``
-(a count above length / chunk gives fewer splits); training always runs one.
+inference forward, so INFER_CONFIG can be chosen from data. The inference forward runs at the split count
+``infer_config`` gives the shape (column "rule"), or at each of ``--splits`` (a count above length / chunk gives fewer
+splits). Training shapes (``...-train``) time the forward that saves chunk states and the backward apart, each
+captured in a CUDA graph (eager launches made these timings host-bound), per chunk length: TRAIN_CONFIG's and
+BACKWARD_CONFIG's choice; each backward config's gradients are checked against the reference.
 
     python benchmarks/scan_configs.py
     python benchmarks/scan_configs.py --shapes B-l2-b128-train --configs 16,4,2 8,8,1
@@ -50,6 +52,44 @@ def inputs(seqs, dim, length, dtype=torch.bfloat16):
     return [u, delta, A, B, C, D], bias
 
 
+def time_training(name, tensors, bias, configs):
+    """Per chunk length: the forward that saves chunk states, and the backward op, at each (block, warps) of
+    ``configs`` with that chunk, CUDA-graph-captured medians in us; prints the best few of each."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    grad = torch.randn(tensors[0].shape, device="cuda")
+    want = torch.autograd.grad(reference(*leaves, delta_bias=bias, delta_softplus=True).float(), leaves, grad)
+    u, delta, A, B, C, D = tensors
+    backward_op = getattr(torch.ops.mambavision, kernels.BACKWARD_OP)
+    for chunk in sorted({c[1] for c in configs}):
+        states = torch.empty(*u.shape[:2], triton.cdiv(u.shape[2], chunk), A.shape[1], device="cuda")
+        forward, backward = {}, {}
+        for block, _, warps in (c for c in configs if c[1] == chunk):
+            try:
+                forward[block, warps] = 1e3 * triton.testing.do_bench_cudagraph(
+                    lambda: kernels.scan_forward(u, delta, A, B, C, D, bias, (block, chunk, warps, 1), states),
+                    rep=100, return_mode="median")
+            except Exception as exc:  # a configuration that does not compile or fit is reported and skipped
+                print(f"{name} forward {(block, chunk, warps)}: {type(exc).__name__}: {str(exc)[:120]}")
+        kernels.scan_forward(u, delta, A, B, C, D, bias, (16, chunk, 2, 1), states)
+        dy = grad.to(u.dtype)
+        for block, _, warps in (c for c in configs if c[1] == chunk):
+            kernels.TRAIN_CONFIG, kernels.BACKWARD_CONFIG = (16, chunk, 2), (block, warps)
+            try:
+                got = torch.autograd.grad(kernels.selective_scan_triton(*leaves, delta_bias=bias, delta_softplus=True),
+                                          leaves, dy)
+                error = max(((g.float() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+                assert error < 3e-2, f"wrong gradients, relative error {error}"
+                backward[block, warps] = 1e3 * triton.testing.do_bench_cudagraph(
+                    lambda: backward_op(u, delta, A, B, C, D, bias, states, dy),
+                    rep=100, return_mode="median")
+            except Exception as exc:
+                print(f"{name} backward {(block, chunk, warps)}: {type(exc).__name__}: {str(exc)[:120]}")
+        for kind, times in (("forward saving states", forward), ("backward (block, warps)", backward)):
+            best = sorted(times, key=times.get)[:5]
+            print(f"{name} {tuple(u.shape)} chunk {chunk:2d} {kind}: " + ", ".join(
+                f"{config} {times[config]:.1f} us" for config in best))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
@@ -65,35 +105,28 @@ def main(argv=None):
     for name in args.shapes:
         shape = SHAPES[name]
         tensors, bias = inputs(*shape)
+        if name.endswith("train"):
+            time_training(name, tensors, bias, configs)
+            continue
         want = reference(*tensors, delta_bias=bias, delta_softplus=True).float()
-        train = name.endswith("train")
         times = {}  # config -> {requested split count or None: (us, splits run)}
-        for config, requested in itertools.product(configs, [None] if train else split_counts):
-            splits = 1 if train else requested or rule(*shape)[3]
-            kernels.TRAIN_CONFIG = config
+        for config, requested in itertools.product(configs, split_counts):
+            splits = requested or rule(*shape)[3]
             kernels.infer_config = lambda *shape, config=(*config, splits): config  # every length at this config
             try:
-                if train:
-                    leaves = [t.detach().requires_grad_() for t in tensors]
-                    grad = torch.randn_like(want)
-
-                    def step():
-                        y = kernels.selective_scan_triton(*leaves, delta_bias=bias, delta_softplus=True)
-                        torch.autograd.grad(y, leaves, grad)
-                else:
-                    def step():
-                        with torch.no_grad():
-                            return kernels.selective_scan_triton(*tensors, delta_bias=bias, delta_softplus=True)
-                    got = step().float()
-                    error = ((got - want).norm() / want.norm()).item()
-                    assert error < 1e-2, f"wrong result, relative error {error}"
+                def step():
+                    with torch.no_grad():
+                        return kernels.selective_scan_triton(*tensors, delta_bias=bias, delta_softplus=True)
+                got = step().float()
+                error = ((got - want).norm() / want.norm()).item()
+                assert error < 1e-2, f"wrong result, relative error {error}"
                 ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
                 times.setdefault(config, {})[requested] = (ms * 1e3, splits)
             except Exception as exc:  # a configuration that does not compile or fit is reported and skipped
                 print(f"{name} {config} splits {splits}: {type(exc).__name__}: {str(exc)[:120]}")
         best = sorted(times, key=lambda config: min(times[config].values()))
-        columns = [None] if train else split_counts
-        print(f"\n{name} {shape} {'fwd+bwd' if train else 'fwd'}: best 6 of {len(times)} (block, chunk, warps), "
+        columns = split_counts
+        print(f"\n{name} {shape} fwd: best 6 of {len(times)} (block, chunk, warps), "
               f"us by splits")
         print(f"  {'config':>12}" + "".join(f"{'rule' if c is None else c:>14}" for c in columns))
         for config in best[:6]:
