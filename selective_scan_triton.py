@@ -289,8 +289,8 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, config, states=None):
 
 def _backward_outputs(u, delta, A, B):
     """The backward op's outputs, empty: du and ddelta in u's and delta's dtypes as (batch, dim, L) views of
-    (batch, L, dim) tokens, the mixer's layout (fixed: the compiler may hand the op other input strides than it
-    traced), then float32 partial sums."""
+    (batch, L, dim) tokens, the mixer's layout (fixed, not copied from the inputs' strides, so the fake outputs
+    match the real ones whatever strides the inputs come with), then float32 partial sums."""
     batch, dim, length = u.shape
     n, blocks = A.shape[1], triton.cdiv(dim, BACKWARD_CONFIG[0])
     f32 = dict(device=u.device, dtype=torch.float32)

@@ -263,8 +263,9 @@ def test_compile_fullgraph_with_triton(monkeypatch):
 @triton_missing
 @needs_shared
 def test_compiled_bf16_training_step_matches_float32_gradients(monkeypatch):
-    """The benchmark's training recipe (compiled, bf16 autocast, channels_last): the compiler may hand the scan's
-    backward op inputs laid out otherwise than it traced, and its gradients must still be the reference's."""
+    """The benchmark's training recipe (compiled with CUDA graphs, bf16 autocast, channels_last) on the Triton scan
+    against the PyTorch scan's float32 eager gradients: the compiled backward op, its layouts and its partial sums
+    reduced in the traced graph."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.reset()
