@@ -37,6 +37,7 @@ from transformers.image_utils import load_image
 
 URL_TIMEOUT_S = 10.0
 MAX_IMAGES = 64  # per request: a batch decoded at once must fit in memory
+MAX_CROPS = 32  # per image in slide mode, each a forward pass (mmseg's ADE20K windows: at most 6 an image)
 BATCH_SIZE = 16  # images per forward pass within a request, where they have one size
 
 
@@ -261,9 +262,25 @@ class EndpointHandler:
             raise ValueError(f"unknown request field {unknown[0]!r} (expected 'inputs' and 'parameters')")
         parameters = _check_parameters(self.task, data.get("parameters"), self.architectures)
         images, batched = decode_inputs(data["inputs"])
+        if parameters.get("inference_mode") == "slide":
+            self._check_crops(images, batched, parameters.get("crop_size"), parameters.get("stride"))
         task = TASKS[self.task]
         arguments = {**task.defaults, **parameters}
         with self._lock:
             results = self.pipeline(images, batch_size=min(len(images), task.batch_size), **arguments)
         results = [task.to_json(result) for result in results]
         return results if batched else results[0]
+
+    def _check_crops(self, images, batched, crop_size, stride):
+        """Slide mode runs a forward pass per crop: at most ``MAX_CROPS`` an image, counted before any runs with the
+        model's own windows on the image's size after the processor's resize."""
+        processor, model = self.pipeline.image_processor, self.pipeline.model
+        for index, image in enumerate(images):
+            height, width = processor.output_size(image.height, image.width)
+            crops = len(model.slide_windows(height, width, crop_size, stride))
+            if crops > MAX_CROPS:
+                shown = ", ".join(f"{name} {list(value)}" for name, value in (("crop_size", crop_size), ("stride", stride))
+                                  if value is not None) or "the model's default crop_size and stride"
+                raise ValueError(f"{f'inputs[{index}]' if batched else 'inputs'}: sliding {shown} over it ({height}x"
+                                 f"{width} after resizing) runs {crops} crops; at most {MAX_CROPS} an image: use a "
+                                 "longer 'stride' or a larger 'crop_size'")

@@ -50,12 +50,15 @@ class MambaVisionSegmentationImageProcessor(BaseImageProcessor):
         factor = min(max(self.scale) / max(height, width), min(self.scale) / min(height, width))
         return int(height * factor + 0.5), int(width * factor + 0.5)
 
+    def output_size(self, height, width, do_resize=None):
+        """The (height, width) that ``preprocess`` gives an image of this size."""
+        resize = self.do_resize if do_resize is None else do_resize
+        return self.resized_size(height, width) if resize else (height, width)
+
     def resize(self, image, do_resize=None):
         """An image of any accepted kind -> (3, H', W') uint8 tensor, resized as mmseg's test pipeline."""
         pixels = torch.from_numpy(np.array(to_rgb_image(image))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        if not (self.do_resize if do_resize is None else do_resize):
-            return pixels
-        size = self.resized_size(*pixels.shape[1:])
+        size = self.output_size(*pixels.shape[1:], do_resize)
         if size == tuple(pixels.shape[1:]):
             return pixels
         resized = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False)[0]

@@ -136,30 +136,49 @@ class MambaVisionForSemanticSegmentation(MambaVisionPreTrainedModel):
                                     reduction="none")
         return per_pixel.mean()
 
-    def slide_logits(self, pixel_values, crop_size=None, stride=None):
-        """mmseg's ``slide_inference``: crops of ``crop_size`` every ``stride`` (the last flush with the edge),
-        each run whole; the logits of overlapping crops are averaged. Crops are cut from the image as it is (an
-        image smaller than a crop gives a smaller crop), as mmseg does."""
+    def slide_windows(self, height, width, crop_size=None, stride=None):
+        """mmseg's sliding windows over a (height, width) input: crops of ``crop_size`` every ``stride`` (both
+        (height, width), default ``config.image_size`` and two thirds of it), the last flush with the edge, cut from
+        the input as it is (an input smaller than a crop gives a smaller crop). -> [((top, bottom), (left, right))].
+        ValueError before any crop runs when a pixel would be in none (a stride longer than the crop)."""
         size = self.config.image_size
         crop_h, crop_w = crop_size or (size, size)
         stride_h, stride_w = stride or (crop_h * 2 // 3, crop_w * 2 // 3)
-        batch, _, height, width = pixel_values.shape
-        rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-        cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-        logits = pixel_values.new_zeros(batch, self.config.num_labels, height, width)
-        counts = pixel_values.new_zeros(1, 1, height, width)
-        for row in range(rows):
-            for col in range(cols):
-                bottom, right = min(row * stride_h + crop_h, height), min(col * stride_w + crop_w, width)
-                top, left = max(bottom - crop_h, 0), max(right - crop_w, 0)
-                crop = pixel_values[:, :, top:bottom, left:right]
-                features = self.model(crop)[0][1:]
-                logits[:, :, top:bottom, left:right] += self.resize(self.decode_head(features), crop.shape[2:])
-                counts[:, :, top:bottom, left:right] += 1
-        if not counts.all():  # a stride longer than the crop skips pixels (mmseg asserts this too)
+        rows, cols = _slide_spans(height, crop_h, stride_h), _slide_spans(width, crop_w, stride_w)
+        if not (_covers(rows, height) and _covers(cols, width)):  # mmseg asserts this after the crops have run
             raise ValueError(f"stride {(stride_h, stride_w)} leaves pixels out of every {(crop_h, crop_w)} crop; "
                              "use a stride no longer than crop_size")
+        return [(row, col) for row in rows for col in cols]
+
+    def slide_logits(self, pixel_values, crop_size=None, stride=None):
+        """mmseg's ``slide_inference``: each window of ``slide_windows`` run whole; the logits of overlapping crops
+        are averaged."""
+        batch, _, height, width = pixel_values.shape
+        logits = pixel_values.new_zeros(batch, self.config.num_labels, height, width)
+        counts = pixel_values.new_zeros(1, 1, height, width)
+        for (top, bottom), (left, right) in self.slide_windows(height, width, crop_size, stride):
+            crop = pixel_values[:, :, top:bottom, left:right]
+            features = self.model(crop)[0][1:]
+            logits[:, :, top:bottom, left:right] += self.resize(self.decode_head(features), crop.shape[2:])
+            counts[:, :, top:bottom, left:right] += 1
         return logits / counts
+
+
+def _slide_spans(length, crop, stride):
+    """The (start, end) of mmseg's windows along one side: every ``stride``, the last flush with the edge."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    ends = [min(index * stride + crop, length) for index in range(count)]
+    return [(max(end - crop, 0), end) for end in ends]
+
+
+def _covers(spans, length):
+    """Whether ``spans`` (in increasing order) leave no position of ``range(length)`` out."""
+    reached = 0
+    for start, end in spans:
+        if start > reached:
+            return False
+        reached = max(reached, end)
+    return reached >= length
 
 
 def _is_int(value):

@@ -261,9 +261,12 @@ def test_slide_inference_averages_overlapping_crops_as_mmseg():
     torch.testing.assert_close(got, total / counts)
     with pytest.raises(ValueError, match="inference_mode"):
         model(pixels, inference_mode="tiles")
-    # rows 16-24 and columns 16-40 in no crop (their logits were 0 / 0, NaN): as mmseg, refused
+    # rows 16-24 and columns 16-40 in no crop (their logits were 0 / 0, NaN): as mmseg, refused, here before any crop
+    runs = []
+    model.model.register_forward_pre_hook(lambda module, args: runs.append(1))
     with pytest.raises(ValueError, match=r"stride \(40, 40\) leaves pixels out of every \(16, 16\) crop"):
         model(pixels, inference_mode="slide", crop_size=(16, 16), stride=(40, 40))
+    assert runs == []
 
 
 def test_loss_is_mmseg_cross_entropy_with_auxiliary_weight_and_ignored_pixels():

@@ -415,6 +415,31 @@ def test_slide_parameters_are_checked(parameters, fragment, head_handlers, pictu
     assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
+def test_slide_crops_are_bounded_before_any_runs(head_handlers, pictures):
+    """Each crop is a forward pass, so a request may not slide a tiny stride over an image: at most 32 crops an
+    image, counted on its size after resizing (64x82 here) before the model runs; 32 are served."""
+    handler = head_handlers["semantic"]
+    runs = []
+    hook = handler.pipeline.model.model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    try:
+        # rows of 48 every 6 over 64: 0, 6, 12, 16 (flush); columns every 5 over 82: 0, 5, ..., 30, 34: 4 x 8
+        assert handler({"inputs": pictures[0], "parameters": {**SLIDE, "stride": [6, 5]}})
+        assert len(runs) == 32
+        runs.clear()
+        for inputs, stride, where, crops in ((pictures[0], [6, 4], "inputs", 40),
+                                             (pictures[:2], [1, 1], "inputs[0]", 595)):
+            with pytest.raises(ValueError) as error:
+                handler({"inputs": inputs, "parameters": {**SLIDE, "stride": stride}})
+            assert str(error.value) == (f"{where}: sliding crop_size [48, 48], stride {stride} over it (64x82 after "
+                                        f"resizing) runs {crops} crops; at most 32 an image: use a longer 'stride' or "
+                                        "a larger 'crop_size'")
+        with pytest.raises(ValueError, match="leaves pixels out of every"):
+            handler({"inputs": pictures[0], "parameters": {**SLIDE, "crop_size": [16, 16], "stride": [40, 40]}})
+        assert runs == []  # refused before the first crop
+    finally:
+        hook.remove()
+
+
 def test_slide_parameters_are_the_semantic_models_only(head_handlers, pictures):
     """Mask2Former's pipeline has no sliding window: refused as the other unknown parameters."""
     with pytest.raises(ValueError, match=re.escape("unknown parameter 'crop_size' for image-segmentation "
