@@ -3,8 +3,10 @@
 Specialised for what MambaVision needs (no z gate, delta bias + softplus, small d_state, window-length
 sequences). Each program owns one sequence and a block of channels; it walks the sequence in chunks,
 and inside a chunk the linear recurrence h_t = a_t * h_{t-1} + b_t runs as a parallel associative scan.
-The longest sequences at inference are cut into splits scanned in parallel: a first pass finds each split's end state
-from zero and its decay product, and the forward kernel enters each split with the state they compose to.
+At inference over windows with many sequences x channels, each program instead walks the sequence token by
+token, the state in registers (chunks of one token). The longest sequences at inference are cut into splits
+scanned in parallel: a first pass finds each split's end state from zero and its decay product, and the forward
+kernel enters each split with the state they compose to.
 The state stays in float32 whatever the input dtype. Training saves only the state at each chunk start;
 the backward pass recomputes the chunk and runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}
 as a reverse scan, using a_t h_{t-1} = h_t - b_t so no state needs storing per step.
@@ -43,11 +45,22 @@ TRAIN_CONFIG = (16, 4, 1)
 BACKWARD_CONFIG = (8, 1)  # (channels per program, warps) of the backward pass, at TRAIN_CONFIG's chunk length
 
 
+# Inference over windows (fewer than LONG_SEQUENCE tokens) with many sequences x channels: chunks of one token, i.e.
+# a walk along the sequence with the state in registers and the next token's loads in flight, one warp a program, the
+# channel block the largest that still gives WALK_PROGRAMS programs. H200, CUDA-graph-captured (benchmarks/NOTES.md,
+# 2026-12-04, sixth session), at batch 256: T's level 2 104 us against 158 chunked, level 3 33 against 96; B's 124
+# against 248 and 44 against 152; L3-512's level 3 at batch 32, 129 against 157. Fewer programs keep the chunked scan,
+# which also scans within chunks (T's level 2 at batch 1: 30 us against the walk's 41), as do longer sequences
+# (L3-512's level 2, 1,024 tokens: 331 against 448).
+WALK_BLOCKS, WALK_PROGRAMS = (64, 32, 16, 8), 2048
+
+
 def infer_config(batch, dim, length):
     """The inference launch config (channels per program, chunk length, warps, splits) for ``batch`` sequences of
-    ``dim`` channels and ``length`` tokens."""
+    ``dim`` channels and ``length`` tokens; a chunk length of 1 is the walk."""
     if length < LONG_SEQUENCE:
-        return (*INFER_CONFIG, 1)
+        walk = [block for block in WALK_BLOCKS if batch * triton.cdiv(dim, block) >= WALK_PROGRAMS]
+        return (walk[0], 1, 1, 1) if walk else (*INFER_CONFIG, 1)
     if length >= SPLIT_FROM:
         return SPLIT_CONFIG
     block, chunk, warps = LONG_INFER_CONFIG
@@ -167,6 +180,44 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, u_row, delta_row, B_row, C_row, mask_d, t, L,
+                su_l, sdt_l, sB_l, sC_l):
+    """Token ``t``'s u and raw delta (BLOCK,) and B, C (N,), as stored; nothing past the end."""
+    live = t < L
+    u = tl.load(u_ptr + u_row + t * su_l, mask=mask_d & live, other=0.0)
+    raw = tl.load(delta_ptr + delta_row + t * sdt_l, mask=mask_d & live, other=0.0)
+    B = tl.load(B_ptr + B_row + t * sB_l, mask=live, other=0.0)
+    C = tl.load(C_ptr + C_row + t * sC_l, mask=live, other=0.0)
+    return u, raw, B, C
+
+
+@triton.jit
+def _scan_walk_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, L, dim,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sy_b, sy_d, sy_l,
+    N: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One (sequence, channel block), token by token: h_t = a_t h_{t-1} + b_t in registers, y_t = C_t h_t + D u_t;
+    each step computes with the token it loaded the step before while the next token's loads are in flight."""
+    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    offs_d, mask_d, offs_n, _, A, D, bias = _program_channels(A_ptr, D_ptr, bias_ptr, pid_d, dim, N, BLOCK, 1)
+    u_row, delta_row = pid_b * su_b + offs_d * su_d, pid_b * sdt_b + offs_d * sdt_d  # token 0's offsets
+    B_row, C_row = pid_b * sB_b + offs_n * sB_n, pid_b * sC_b + offs_n * sC_n
+    y_row = y_ptr + pid_b * sy_b + offs_d * sy_d
+    state = tl.zeros((BLOCK, N), dtype=tl.float32)
+    u_in, raw_in, B_in, C_in = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, u_row, delta_row, B_row, C_row, mask_d,
+                                           0, L, su_l, sdt_l, sB_l, sC_l)
+    for t in range(L):
+        u, raw, B, C = u_in.to(tl.float32), raw_in.to(tl.float32), B_in.to(tl.float32), C_in.to(tl.float32)
+        u_in, raw_in, B_in, C_in = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, u_row, delta_row, B_row, C_row,
+                                               mask_d, t + 1, L, su_l, sdt_l, sB_l, sC_l)
+        delta = _softplus(raw + bias)  # (BLOCK,)
+        state = tl.exp(delta[:, None] * A) * state + (delta * u)[:, None] * B[None, :]  # (BLOCK, N)
+        y = tl.sum(state * C[None, :], axis=1) + D * u
+        tl.store(y_row + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
 def _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, states_ptr, pid_b, offs_d, mask_d, chunk, rows, offs_n, L, dim,
                su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
                N: tl.constexpr, CHUNK_L: tl.constexpr):
@@ -273,12 +324,18 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, config, states=None):
     if states is not None and splits > 1:
         raise ValueError(f"saving chunk states needs one split, got {splits}")
     y = torch.empty_like(u)  # in u's layout: a (B, C, L) view of (B, L, C) tokens stays one
+    tensors = (u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y)
+    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *y.stride())
+    if chunk == 1 and splits == 1 and states is None:  # chunks of one token: the walk, with no chunk scan to run
+        with _on_device(u):
+            _scan_walk_kernel[_grid(batch, dim, block)](*tensors, length, dim, *strides, N=n, BLOCK=block,
+                                                        num_warps=warps)
+        return y
     # each split's end state from a zero start and its decay product (the last split's is not needed)
     split_end, split_decay = (torch.empty(batch, dim, splits - 1, n, device=u.device, dtype=torch.float32)
                               for _ in range(2))
-    args = (u, delta, A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous(), y,
-            split_end if states is None else states, split_end, split_decay, length, dim, split_len,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *y.stride())
+    args = (*tensors, split_end if states is None else states, split_end, split_decay, length, dim, split_len,
+            *strides)
     meta = dict(N=n, BLOCK=block, CHUNK_L=chunk, SAVE_STATES=states is not None, num_warps=warps)
     with _on_device(u):
         if splits > 1:

@@ -1,7 +1,7 @@
 """Time the Triton selective scan over launch configurations at MambaVision's shapes (CUDA).
 
 Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
-inference forward, so INFER_CONFIG can be chosen from data. The inference forward runs at the split count
+inference forward, so INFER_CONFIG can be chosen from data (a chunk length of 1 runs the token-by-token walk). The inference forward runs at the split count
 ``infer_config`` gives the shape (column "rule"), or at each of ``--splits`` (a count above length / chunk gives fewer
 splits). Training shapes (``...-train``) time the forward that saves chunk states and the backward apart, each
 captured in a CUDA graph (eager launches made these timings host-bound), per chunk length: TRAIN_CONFIG's and
@@ -42,8 +42,9 @@ SHAPES = {"T-l2-b256": (256, 160, 196), "T-l3-b256": (256, 320, 49), "B-l2-b256"
 
 
 def inputs(seqs, dim, length, dtype=torch.bfloat16):
-    """Laid out as the mixer produces them: u from the conv (contiguous), delta/B/C transposed views."""
-    u = torch.randn(seqs, dim, length, device="cuda", dtype=dtype)
+    """Laid out as the mixer produces them: u and delta (B, C, L) views of (B, L, C) tokens, B and C views of
+    x_proj's output."""
+    u = torch.randn(seqs, length, dim, device="cuda", dtype=dtype).transpose(1, 2)
     delta = (torch.randn(seqs, length, dim, device="cuda", dtype=dtype) * 0.5).transpose(1, 2)
     bc = torch.randn(seqs, length, 16, device="cuda", dtype=dtype)
     B, C = bc[..., :8].transpose(1, 2), bc[..., 8:].transpose(1, 2)

@@ -90,6 +90,11 @@ assert errors["out"] < 1e-2 and max(errors.values()) < 3e-2, errors
 from test_triton_scan import inference_error
 for shape in [(2, 20, 37), (1, 2, 1024)]:  # the short and the long-sequence inference configs
     assert inference_error(*shape, dtype=__import__("torch").float32, device="cpu", seed=1) < 1e-5, shape
+# the walk (chunks of one token): 20 channels in blocks of 8 (the last block partly masked), in float32 and bfloat16
+for dtype, tolerance in [("float32", 1e-5), ("bfloat16", 1e-2)]:
+    error = inference_error(2, 20, 37, dtype=getattr(__import__("torch"), dtype), device="cpu", seed=4,
+                            config=(8, 1, 1, 1))
+    assert error < tolerance, (dtype, error)
 # 3 splits of 16, 16 and 5 tokens (the last one ragged, the length no multiple of the chunk); 5 channels in blocks
 # of 4 (the last block partly masked)
 for shape, dtype, tolerance in [((2, 5, 37), "float32", 1e-5), ((1, 4, 37), "bfloat16", 1e-2)]:
@@ -121,7 +126,8 @@ def test_triton_scan_matches_reference_on_gpu(shape, dtype):
     assert all(e < tolerance["grad"] for name, e in errors.items() if name != "out"), errors
 
 
-INFERENCE_SHAPES = [(8, 160, 196), (1, 96, 1024), (8, 512, 1024), (1, 16, 8192)]  # one per inference launch config
+# one per inference launch config: chunked, the walk, long sequences at two channel blocks, split
+INFERENCE_SHAPES = [(8, 160, 196), (256, 160, 49), (1, 96, 1024), (8, 512, 1024), (1, 16, 8192)]
 
 
 @needs_cuda
