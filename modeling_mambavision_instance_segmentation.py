@@ -11,7 +11,9 @@ training; ``post_process_instance_segmentation``), and ``pipeline("image-segment
 instance with its label name and score.
 """
 
+import torch
 from transformers import AutoImageProcessor, ImageSegmentationPipeline, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from .compatibility_mambavision import LegacyGammaLoading
 from .configuration_mambavision import MambaVisionConfig
@@ -59,17 +61,37 @@ class MambaVisionMask2FormerConfig(Mask2FormerConfig):
             "pt": ["AutoModelForUniversalSegmentation"], "type": "image"}}
 
 
+class MambaVisionMask2FormerLoss(Mask2FormerLoss):
+    """transformers' Mask2Former loss with Mask2Former's own mask count on N processes: the mask and dice terms are
+    divided by all processes' masks over N (each process's share, as the original's ``all_reduce`` then division by
+    the world size). transformers averages the processes' counts (accelerate's ``reduce``, a mean) and divides by N
+    once more (every release of 4.40 to 5.x), so its mask terms came out about N times too large while its class
+    term, not normalised by the count, stayed."""
+
+    def get_num_masks(self, class_labels, device):
+        count = torch.as_tensor(float(sum(len(classes) for classes in class_labels)), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+            count = count / torch.distributed.get_world_size()
+        return torch.clamp(count, min=1)
+
+
 class MambaVisionForUniversalSegmentation(LegacyGammaLoading, HeadOnMambaVisionBackbone,
                                           Mask2FormerForUniversalSegmentation):
     """transformers' ``Mask2FormerForUniversalSegmentation`` on ``MambaVisionBackbone``: same inputs
     (``pixel_values``, ``pixel_mask``; for the loss ``mask_labels``, a (instances, height, width) float tensor per
     image, and ``class_labels``, their class indices), outputs and loss (Hungarian matching; cross entropy, mask
-    BCE and dice on sampled points, on every decoder layer). The backbone computes exactly what
+    BCE and dice on sampled points, on every decoder layer; on N processes normalised as Mask2Former does:
+    ``MambaVisionMask2FormerLoss``). The backbone computes exactly what
     ``MambaVisionBackbone`` does (its own BatchNorms, frozen statistics in training: ``HeadOnMambaVisionBackbone``).
     """
 
     config_class = MambaVisionMask2FormerConfig
     backbone_out_features = INSTANCE_OUT_FEATURES
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.criterion = MambaVisionMask2FormerLoss(config=config, weight_dict=self.weight_dict)
 
 
 class MambaVisionInstanceSegmentationPipeline(ImageSegmentationPipeline):

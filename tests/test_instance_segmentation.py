@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForUniversalSegmentation, Mask2FormerImageProcessor, pipeline
+from transformers import AutoModelForUniversalSegmentation, Mask2FormerConfig, Mask2FormerImageProcessor, pipeline
 
 import detection_worker
 import finetune_instance_segmentation
@@ -75,6 +75,29 @@ def test_the_pixel_decoder_receives_nvidia_backbone_maps():
         assert len(received[0]) == 4
         for level, feature in enumerate(received[0]):
             assert_close_relative(feature, expected[f"feature{level}_{size}"], what=f"feature{level} at {size}")
+
+
+def count_masks_on_process(rank, counts, folder):
+    """One of ``len(counts)`` gloo processes: the loss's mask count for a batch of ``counts[rank]`` masks, saved."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=len(counts))
+    try:
+        loss = instance.MambaVisionMask2FormerLoss(config=Mask2FormerConfig(num_labels=2), weight_dict={})
+        torch.save(loss.get_num_masks([torch.zeros(counts[rank])], torch.device("cpu")), f"{folder}/count{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_mask_terms_are_normalised_as_mask2former_on_processes(tmp_path):
+    """Mask2Former divides its mask and dice terms by all processes' masks over the processes: 3 and 5 masks give 4 on
+    each of 2 processes (transformers' loss gave 2: the processes' mean count divided by their number again); one
+    process its own count, at least 1."""
+    assert isinstance(tiny_model().criterion, instance.MambaVisionMask2FormerLoss)
+    torch.multiprocessing.spawn(count_masks_on_process, args=([3, 5], str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"count{rank}.pt", weights_only=True).item() for rank in (0, 1)] == [4.0, 4.0]
+    loss = instance.MambaVisionMask2FormerLoss(config=Mask2FormerConfig(num_labels=2), weight_dict={})
+    assert loss.get_num_masks([torch.zeros(3), torch.zeros(2)], torch.device("cpu")).item() == 5.0
+    assert loss.get_num_masks([torch.zeros(0)], torch.device("cpu")).item() == 1.0
 
 
 def test_processor_labels_give_a_loss_that_trains_head_and_backbone():
