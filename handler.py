@@ -279,8 +279,9 @@ class EndpointHandler:
             height, width = processor.output_size(image.height, image.width)
             crops = len(model.slide_windows(height, width, crop_size, stride))
             if crops > MAX_CROPS:
-                shown = ", ".join(f"{name} {list(value)}" for name, value in (("crop_size", crop_size), ("stride", stride))
-                                  if value is not None) or "the model's default crop_size and stride"
+                given = (("crop_size", crop_size), ("stride", stride))
+                shown = (", ".join(f"{name} {list(value)}" for name, value in given if value is not None)
+                         or "the model's default crop_size and stride")
                 raise ValueError(f"{f'inputs[{index}]' if batched else 'inputs'}: sliding {shown} over it ({height}x"
                                  f"{width} after resizing) runs {crops} crops; at most {MAX_CROPS} an image: use a "
                                  "longer 'stride' or a larger 'crop_size'")

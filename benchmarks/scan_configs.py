@@ -1,11 +1,12 @@
 """Time the Triton selective scan over launch configurations at MambaVision's shapes (CUDA).
 
 Prints, per shape, the median time of each (channels per program, chunk length, warps) for the
-inference forward, so INFER_CONFIG can be chosen from data (a chunk length of 1 runs the token-by-token walk). The inference forward runs at the split count
-``infer_config`` gives the shape (column "rule"), or at each of ``--splits`` (a count above length / chunk gives fewer
-splits). Training shapes (``...-train``) time the forward that saves chunk states and the backward apart, each
-captured in a CUDA graph (eager launches made these timings host-bound), per chunk length: TRAIN_CONFIG's and
-BACKWARD_CONFIG's choice; each backward config's gradients are checked against the reference.
+inference forward, so INFER_CONFIG can be chosen from data (a chunk length of 1 runs the token-by-token walk). The
+inference forward runs at the split count ``infer_config`` gives the shape (column "rule"), or at each of ``--splits``
+(a count above length / chunk gives fewer splits). Training shapes (``...-train``) time the forward that saves chunk
+states and the backward apart, each captured in a CUDA graph (eager launches made these timings host-bound), per
+chunk length: TRAIN_CONFIG's and BACKWARD_CONFIG's choice; each backward config's gradients are checked against the
+reference.
 
     python benchmarks/scan_configs.py
     python benchmarks/scan_configs.py --shapes B-l2-b128-train --configs 16,4,2 8,8,1

@@ -115,6 +115,18 @@ def test_triton_kernels_in_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@triton_missing
+def test_inference_walks_many_short_windows_only():
+    """The walk runs where it measured faster (H200): many sequences x channels below 1,024 tokens, the channel block
+    the largest giving 2,048 programs; batch 1 and long sequences keep the chunked scan."""
+    rule = model_code.load("selective_scan_triton").infer_config
+    assert rule(256, 160, 196) == (16, 1, 1, 1)  # T's level 2 at batch 256: 2,560 programs of 16 channels
+    assert rule(256, 512, 49) == (64, 1, 1, 1)  # B's level 3: 2,048 of 64
+    assert rule(32, 784, 256) == (8, 1, 1, 1)  # L2-512's level 3: 3,136 of 8 (1,568 of 16 are too few)
+    assert rule(1, 160, 196)[1] > 1 and rule(64, 160, 196)[1] > 1  # 20 and 1,280 programs at most: chunked
+    assert rule(32, 512, 1024)[1] > 1  # 1,024 tokens: chunked
+
+
 @needs_cuda
 @triton_missing
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
