@@ -204,6 +204,19 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def head_backbone_config(backbone_config, out_features, head_kwargs):
+    """A task model's ``backbone_config`` as a ``MambaVisionConfig``: MambaVision-T's architecture returning
+    ``out_features`` when None, built from a dict (a saved config's) when one. The backbone of those models is always
+    this one, so the arguments in ``head_kwargs`` that would choose another (saved configs carry them) are dropped."""
+    for name in ("use_timm_backbone", "use_pretrained_backbone", "backbone", "backbone_kwargs"):
+        head_kwargs.pop(name, None)
+    if backbone_config is None:
+        return MambaVisionConfig(out_features=out_features)
+    if isinstance(backbone_config, dict):
+        return MambaVisionConfig(**{k: v for k, v in backbone_config.items() if k != "model_type"})
+    return backbone_config
+
+
 def check_backend_name(name, what):
     """Refuse a scan backend name other than "auto" and ``SCAN_BACKENDS`` with a ValueError that says ``what`` held
     it (the config field, the environment variable, the requested backend): the config and the scan dispatcher

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from .compatibility_mambavision import LegacyGammaLoading
-from .configuration_mambavision import MambaVisionConfig
+from .configuration_mambavision import MambaVisionConfig, head_backbone_config
 from .modeling_mambavision import HeadOnMambaVisionBackbone
 
 # Files travel with this one: for a local folder, transformers < 5.10 copies into its module cache only the relative
@@ -66,12 +66,7 @@ class MambaVisionDetectionConfig(DeformableDetrConfig):
     sub_configs_defaults = {"backbone_config": MambaVisionConfig}  # transformers 5.x
 
     def __init__(self, backbone_config=None, disable_custom_kernels=True, **kwargs):
-        if backbone_config is None:
-            backbone_config = MambaVisionConfig(out_features=DETECTION_OUT_FEATURES)
-        elif isinstance(backbone_config, dict):
-            backbone_config = MambaVisionConfig(**{k: v for k, v in backbone_config.items() if k != "model_type"})
-        for name in ("use_timm_backbone", "use_pretrained_backbone", "backbone", "backbone_kwargs"):
-            kwargs.pop(name, None)  # the backbone is always backbone_config's MambaVision, built by the detector
+        backbone_config = head_backbone_config(backbone_config, DETECTION_OUT_FEATURES, kwargs)
         super().__init__(backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False,
                          backbone=None, disable_custom_kernels=disable_custom_kernels, **kwargs)
 
